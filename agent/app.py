@@ -1,0 +1,262 @@
+"""Wiring: builds the parts, routes inbound messages, keeps the state topic, shuts down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from agent import thermal
+from agent.images import ImageStore
+from agent.messages import ErrorCode, RequestError, parse_cancel, parse_generate
+from agent.metrics import AgentMetrics
+from agent.mqtt import Inbound, MqttError, MqttLink
+from agent.outbox import Outbox
+from agent.runner import Runner
+from agent.topics import Topics
+from agent.worker import WorkerConfig
+from agent.worker_link import WorkerLink, WorkerStatus
+
+if TYPE_CHECKING:
+    from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REQUEST_OUTCOMES = ["accepted", *(code.value for code in ErrorCode)]
+
+
+class Agent:
+    """The daemon: one asyncio loop owning MQTT, the queue and the worker."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        """Create the agent; :meth:`run` starts it.
+
+        Args:
+            settings: The settings.
+            registry: Metrics registry; a fresh one when None.
+        """
+        self.settings = settings
+        self.topics = Topics(settings.base_topic)
+        self.metrics = AgentMetrics(
+            registry or CollectorRegistry(), settings.thermal_glob, settings.vcgencmd
+        )
+        self.metrics.prime(REQUEST_OUTCOMES)
+        self._stop = asyncio.Event()
+        self._state_changed = asyncio.Event()
+        self._temperature_c: float | None = None
+        self._throttled: bool | None = None
+        self._state = "loading"
+
+    # --- lifecycle
+    async def run(self) -> int:
+        """Run until SIGTERM or SIGINT, then shut down in order; return the exit code."""
+        from agent.http import AgentHttpServer  # noqa: PLC0415 - keeps the CLI's --help light
+
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        store = ImageStore(
+            settings.images_path, settings.image_keep_count, settings.image_keep_bytes
+        )
+        self.http = AgentHttpServer(
+            settings.http_host, settings.http_port, store.folder, self.metrics.registry, self.health
+        )
+        self.http.start()
+        log.info("HTTP server on %s:%d", settings.http_host, self.http.port)
+        self.link = MqttLink(
+            settings,
+            self.topics,
+            [self.topics.generate, self.topics.cancel],
+            self._on_message,
+            self._on_connection,
+        )
+        outbox = Outbox(
+            self.link, self.topics, store, self.metrics, settings.base_url(self.http.port)
+        )
+        self.outbox = outbox
+        self.worker = WorkerLink(
+            WorkerConfig(
+                model=settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                threads=settings.torch_threads,
+                jpeg_quality=settings.jpeg_quality,
+                log_level=settings.log_level,
+            ),
+            settings.worker_restart_delay_s,
+            on_change=self._on_worker_change,
+            on_restart=self.metrics.worker_restarts.inc,
+        )
+        self.runner = Runner(
+            self.worker, outbox, self.metrics, settings.max_queue, self._state_changed.set
+        )
+        self.link.start()
+        self.worker.start()
+        tasks = [
+            asyncio.create_task(self.runner.run(), name="runner"),
+            asyncio.create_task(self._keep_state(), name="state"),
+        ]
+        await self._stop.wait()
+        log.info("stopping")
+        await self._shutdown(tasks)
+        return 0
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Take no new job, let the running one finish within the grace period, then stop."""
+        self.runner.stop_accepting()
+        if self.runner.current is not None:
+            log.info("waiting up to %.0f s for the running job", self.settings.shutdown_grace_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.shutdown_grace_s):
+                    await self.runner.idle()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.worker.stop()
+        await self.link.stop()
+        await asyncio.to_thread(self.http.stop)
+
+    # --- inbound
+    def _on_message(self, message: Inbound) -> None:
+        try:
+            if message.retain:
+                # A retained request would run again at every reconnect of every agent.
+                log.warning("ignored a retained message on %s", message.topic)
+            elif message.topic == self.topics.generate:
+                self._on_generate(message)
+            elif message.topic == self.topics.cancel:
+                self._on_cancel(message)
+        finally:
+            self.link.ack(message)
+
+    def _on_generate(self, message: Inbound) -> None:
+        try:
+            spec = parse_generate(
+                message.payload,
+                self.settings,
+                response_topic=message.response_topic,
+                correlation_data=message.correlation_data,
+            )
+            self.runner.submit(spec)
+        except RequestError as exc:
+            self._refuse(exc, message)
+            return
+        except Exception as exc:  # a request must never go unanswered, even on a bug
+            log.exception("unexpected error while taking a request")
+            self._refuse(RequestError(ErrorCode.INTERNAL_ERROR, f"internal error: {exc}"), message)
+            return
+        self.metrics.requests.labels(outcome="accepted").inc()
+
+    def _refuse(self, error: RequestError, message: Inbound) -> None:
+        self.metrics.requests.labels(outcome=error.code.value).inc()
+        log.info("refused a request: %s: %s", error.code.value, error.message)
+        self.outbox.error(
+            error.job_id, error.code, error.message, error.reply_to, message.correlation_data
+        )
+
+    def _on_cancel(self, message: Inbound) -> None:
+        try:
+            job_id = parse_cancel(message.payload, self.settings.max_payload_bytes)
+        except RequestError as exc:
+            self.outbox.error(None, exc.code, exc.message)
+            return
+        if not self.runner.cancel(job_id):
+            self.outbox.error(
+                None, ErrorCode.UNKNOWN_JOB, f"no queued or running job has the id {job_id}"
+            )
+
+    def _on_connection(self, connected: bool) -> None:
+        self.metrics.mqtt_connected.set(1 if connected else 0)
+        if connected:
+            self._publish_state()
+
+    def _on_worker_change(self) -> None:
+        loaded = self.worker.loaded
+        if self.worker.status is WorkerStatus.READY and loaded is not None:
+            self.metrics.model_load_seconds.set(loaded.load_seconds)
+            self.metrics.model.info(
+                {
+                    "model": loaded.model,
+                    "device": loaded.device,
+                    "dtype": loaded.dtype,
+                    "pipeline": loaded.pipeline_class,
+                }
+            )
+        self._state_changed.set()
+
+    # --- state
+    def current_state(self) -> str:
+        """Return the state the contract names: loading, idle, generating or error."""
+        status = self.worker.status
+        if self.runner.current is not None and status is WorkerStatus.READY:
+            return "generating"
+        if status is WorkerStatus.ERROR:
+            return "error"
+        if status is WorkerStatus.LOADING:
+            return "loading"
+        return "idle"
+
+    def state_body(self) -> dict[str, Any]:
+        """Return the retained state message."""
+        current = self.runner.current
+        body: dict[str, Any] = {
+            "state": self.current_state(),
+            "queue_depth": self.runner.depth,
+            "job": current.spec.id if current is not None else None,
+            "temperature_c": self._temperature_c,
+            "throttled": self._throttled,
+            "last_latency_s": self.runner.last_latency_s,
+            "model": self.settings.model,
+        }
+        if self.worker.status is WorkerStatus.ERROR:
+            body["error"] = self.worker.last_error
+        return body
+
+    def _publish_state(self) -> None:
+        self._state = self.current_state()
+        self.metrics.state.state(self._state)
+        try:
+            self.link.publish(self.topics.state, json.dumps(self.state_body()), retain=True)
+        except MqttError:
+            log.exception("cannot publish the state")
+
+    async def _keep_state(self) -> None:
+        """Publish the state on every change, and refresh temperature every interval."""
+        loop = asyncio.get_running_loop()
+        next_reading = loop.time()
+        while True:
+            if loop.time() >= next_reading:
+                next_reading = loop.time() + self.settings.state_interval_s
+                await self._read_hardware()
+            self._publish_state()
+            self._state_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.state_interval_s):
+                    await self._state_changed.wait()
+                    # State changes come in bursts (queued, running, done): publish the last.
+                    await asyncio.sleep(0.05)
+
+    async def _read_hardware(self) -> None:
+        self._temperature_c = await asyncio.to_thread(
+            thermal.read_temperature_c, self.settings.thermal_glob
+        )
+        bits = await asyncio.to_thread(thermal.read_throttled, self.settings.vcgencmd)
+        self._throttled = None if bits is None else any(thermal.flags_now(bits).values())
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Return whether the agent is healthy, and why (called from the HTTP thread)."""
+        state = self._state
+        connected = bool(getattr(self, "link", None) and self.link.connected)
+        healthy = connected and state != "error"
+        details = {
+            "status": "ok" if healthy else "degraded",
+            "state": state,
+            "mqtt_connected": connected,
+        }
+        return healthy, details

@@ -1,0 +1,49 @@
+"""The ``edgeai-agent`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.settings import SettingsError, describe_settings, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser; its help lists every setting."""
+    parser = argparse.ArgumentParser(
+        prog="edgeai-agent",
+        description="Generate images with SDXL-Turbo for MQTT clients on the network.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings (environment variable [default]); the same names in lower case "
+        "can be set in the TOML file:\n" + describe_settings(),
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (EDGEAI_CONFIG_FILE)")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the settings, print them and exit"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent in the foreground; return the exit code."""
+    arguments = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(arguments.config)
+        settings.password()  # a missing password file should stop the start, not the connect
+    except SettingsError as exc:
+        print(f"edgeai-agent: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own error
+        return 2
+    if arguments.check:
+        print(settings.model_dump_json(indent=2))  # noqa: T201 - requested output
+        return 0
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from agent.app import Agent  # noqa: PLC0415 - keeps --help fast
+
+    return asyncio.run(Agent(settings).run())

@@ -1,0 +1,118 @@
+"""Image encoding, the image folder with its retention limits, and image URLs."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from PIL.Image import Image
+
+    from agent.settings import ImageFormat
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(png|jpg|webp)$")
+"""Names of files the agent writes (a job id and an extension); nothing else is ever served."""
+
+
+def encode_image(image: Image, image_format: ImageFormat, quality: int) -> bytes:
+    """Encode a picture; the same picture always gives the same bytes (no time stamps).
+
+    Args:
+        image: The picture.
+        image_format: png, jpeg or webp.
+        quality: JPEG and WebP quality, 1-100.
+
+    Returns:
+        The encoded file.
+    """
+    buffer = io.BytesIO()
+    if image_format == "png":
+        image.save(buffer, format="PNG")
+    elif image_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    else:
+        image.save(buffer, format="WEBP", quality=quality)
+    return buffer.getvalue()
+
+
+def file_name(job_id: str, image_format: ImageFormat) -> str:
+    """Return the file name of a job's image: its id and the format's extension."""
+    return f"{job_id}.{EXTENSIONS[image_format]}"
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image file in the image folder."""
+
+    name: str
+    size: int
+    mtime: float
+
+
+class ImageStore:
+    """The image folder: writes images atomically and keeps it under its count and byte limits."""
+
+    def __init__(self, folder: Path, keep_count: int, keep_bytes: int) -> None:
+        """Create the store; the folder is created when missing.
+
+        Args:
+            folder: Where images go.
+            keep_count: Most files kept.
+            keep_bytes: Most bytes kept.
+        """
+        self.folder = folder
+        self._keep_count = keep_count
+        self._keep_bytes = keep_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, name: str, data: bytes) -> None:
+        """Write one image, then delete the oldest images beyond the limits.
+
+        Args:
+            name: A name from :func:`file_name`.
+            data: The encoded image.
+        """
+        if not FILE_NAME.match(name):
+            raise ValueError(f"not an image file name: {name!r}")
+        temporary = self.folder / f".{name}.tmp"
+        temporary.write_bytes(data)
+        # Replacing in one rename means the HTTP server never serves half a file.
+        temporary.replace(self.folder / name)
+        self.prune(keep=name)
+
+    def list(self) -> list[StoredImage]:
+        """Return the images in the folder, newest first."""
+        images = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if FILE_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    stat = entry.stat(follow_symlinks=False)
+                    images.append(StoredImage(entry.name, stat.st_size, stat.st_mtime))
+        return sorted(images, key=lambda image: image.mtime, reverse=True)
+
+    def prune(self, keep: str | None = None) -> None:
+        """Delete the oldest images until the folder is within both limits.
+
+        Args:
+            keep: A file never deleted (the one just written), even if it alone is over the limit.
+        """
+        total = 0
+        for index, image in enumerate(self.list()):
+            total += image.size
+            if image.name != keep and (index >= self._keep_count or total > self._keep_bytes):
+                try:
+                    (self.folder / image.name).unlink()
+                except FileNotFoundError:
+                    continue
+                total -= image.size
+                log.debug("retention removed %s", image.name)

@@ -1,0 +1,344 @@
+"""Wire formats: parsing requests into jobs, and the error codes every reply uses."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.settings import ImageFormat, OutputMode
+from agent.topics import is_encodable, reply_topic_problem
+
+if TYPE_CHECKING:
+    from agent.settings import Settings
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Job ids become file names and topic levels, so only these characters are allowed."""
+
+MAX_SEED = 2**32 - 1
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes: clients and metrics key on these, so never rename one."""
+
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_FIELD = "unknown_field"
+    EMPTY_PROMPT = "empty_prompt"
+    OUT_OF_RANGE = "out_of_range"
+    BAD_SIZE = "bad_size"
+    BAD_REPLY_TO = "bad_reply_to"
+    DUPLICATE_ID = "duplicate_id"
+    BUSY = "busy"
+    UNKNOWN_JOB = "unknown_job"
+    CANCELLED = "cancelled"
+    GENERATION_FAILED = "generation_failed"
+    WORKER_CRASHED = "worker_crashed"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL_ERROR = "internal_error"
+
+
+class RequestError(Exception):
+    """A request cannot be served; carries what the error reply needs."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        job_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        """Create the error.
+
+        Args:
+            code: The stable error code.
+            message: A sentence a person understands.
+            job_id: The request's id, when one could be read.
+            reply_to: The request's reply topic, when one could be read and is valid.
+        """
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.job_id = job_id
+        self.reply_to = reply_to
+
+
+class GenerateRequest(BaseModel):
+    """A request as a client sends it; bounds that are settings are checked after parsing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    output: OutputMode | None = None
+    format: ImageFormat | None = None
+    id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
+    reply_to: str | None = None
+
+
+class CancelRequest(BaseModel):
+    """A cancel request: the id of a queued or running job."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: str = Field(pattern=JOB_ID_PATTERN)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A request with every default filled in: what the worker and the reply need."""
+
+    id: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    output: OutputMode
+    format: ImageFormat
+    reply_to: str | None = None
+    correlation_data: bytes | None = None
+
+    def worker_fields(self) -> dict[str, Any]:
+        """Return what the worker process needs to generate and encode the image."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "format": self.format,
+        }
+
+
+def _reject_constant(name: str) -> Any:  # noqa: ANN401 - json's hook signature
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def decode_json(payload: bytes, limit: int) -> Any:  # noqa: ANN401 - any JSON value
+    """Decode a JSON payload strictly: size first, then UTF-8, then JSON without NaN or repeats.
+
+    Args:
+        payload: The raw MQTT payload.
+        limit: The largest payload accepted, in bytes.
+
+    Returns:
+        The decoded JSON value.
+
+    Raises:
+        RequestError: The payload is too large, not UTF-8 or not strict JSON.
+    """
+    text = decode_text(payload, limit)
+    try:
+        return json.loads(
+            text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys
+        )
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(ErrorCode.INVALID_JSON, f"the payload is not valid JSON: {exc}") from exc
+
+
+def decode_text(payload: bytes, limit: int) -> str:
+    """Check a payload's size, then decode it as UTF-8.
+
+    Raises:
+        RequestError: The payload is over ``limit`` bytes or not UTF-8.
+    """
+    if len(payload) > limit:
+        raise RequestError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the payload is {len(payload)} bytes; the limit is {limit}",
+        )
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            ErrorCode.INVALID_UTF8, f"the payload is not UTF-8 text: {exc.reason}"
+        ) from exc
+
+
+def _field_error(exc: ValidationError) -> tuple[ErrorCode, str]:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "request"
+    if first["type"] == "extra_forbidden":
+        return ErrorCode.UNKNOWN_FIELD, f"unknown field {field!r}"
+    if first["type"] == "missing":
+        return ErrorCode.INVALID_REQUEST, f"the field {field!r} is required"
+    return ErrorCode.INVALID_REQUEST, f"{field}: {first['msg']}"
+
+
+def _readable_id(data: dict[str, Any]) -> str | None:
+    job_id = data.get("id")
+    if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id):
+        return job_id
+    return None
+
+
+def parse_generate(
+    payload: bytes,
+    settings: Settings,
+    *,
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+) -> JobSpec:
+    """Turn a ``generate`` payload into a job, or raise the error its reply must carry.
+
+    A payload whose first non-blank character is ``{`` or ``[`` is JSON; anything else is a bare
+    prompt, as a Home Assistant ``text`` entity or ``mosquitto_pub -m`` sends it.
+
+    Args:
+        payload: The raw MQTT payload.
+        settings: Bounds and defaults.
+        response_topic: The MQTT 5 Response Topic, if the request had one.
+        correlation_data: The MQTT 5 Correlation Data, if the request had one.
+
+    Returns:
+        The job, every default filled in.
+
+    Raises:
+        RequestError: The request is invalid; the error names the problem.
+    """
+    reply_to = _checked_reply_to(response_topic, settings)
+    text = decode_text(payload, settings.max_payload_bytes)
+    if text.lstrip()[:1] in ("{", "["):
+        data = decode_json(payload, settings.max_payload_bytes)
+        if not isinstance(data, dict):
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST, "a JSON request must be an object", reply_to=reply_to
+            )
+    else:
+        data = {"prompt": text.strip()}
+    job_id = _readable_id(data)
+    if reply_to is None and isinstance(data.get("reply_to"), str):
+        try:
+            reply_to = _checked_reply_to(data["reply_to"], settings)
+        except RequestError as exc:
+            exc.job_id = job_id
+            raise
+    try:
+        request = GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        code, message = _field_error(exc)
+        raise RequestError(code, message, job_id=job_id, reply_to=reply_to) from exc
+    try:
+        return _resolve(request, settings, reply_to, correlation_data)
+    except RequestError as exc:
+        exc.job_id, exc.reply_to = job_id, reply_to
+        raise
+
+
+def _checked_reply_to(topic: str | None, settings: Settings) -> str | None:
+    if topic is None:
+        return None
+    problem = reply_topic_problem(topic, settings.reply_prefix)
+    if problem is not None:
+        raise RequestError(ErrorCode.BAD_REPLY_TO, problem)
+    return topic
+
+
+def _resolve(  # noqa: C901 - one check per field, in the order a client reads them
+    request: GenerateRequest,
+    settings: Settings,
+    reply_to: str | None,
+    correlation_data: bytes | None,
+) -> JobSpec:
+    prompt = request.prompt.strip()
+    if not prompt:
+        raise RequestError(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
+    for name, text in (("prompt", prompt), ("negative_prompt", request.negative_prompt or "")):
+        if len(text) > settings.max_prompt_chars:
+            raise RequestError(
+                ErrorCode.OUT_OF_RANGE,
+                f"{name} has {len(text)} characters; the limit is {settings.max_prompt_chars}",
+            )
+        if not is_encodable(text):
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"{name} is not valid Unicode")
+    width = settings.default_width if request.width is None else request.width
+    height = settings.default_height if request.height is None else request.height
+    for name, size in (("width", width), ("height", height)):
+        if not settings.min_size <= size <= settings.max_size:
+            raise RequestError(
+                ErrorCode.OUT_OF_RANGE,
+                f"{name} {size} is outside {settings.min_size}..{settings.max_size}",
+            )
+        if size % 8:
+            raise RequestError(ErrorCode.BAD_SIZE, f"{name} {size} is not a multiple of 8")
+    steps = settings.default_steps if request.steps is None else request.steps
+    if not 1 <= steps <= settings.max_steps:
+        raise RequestError(
+            ErrorCode.OUT_OF_RANGE, f"steps {steps} is outside 1..{settings.max_steps}"
+        )
+    guidance = (
+        settings.default_guidance_scale
+        if request.guidance_scale is None
+        else request.guidance_scale
+    )
+    if not 0.0 <= guidance <= settings.max_guidance_scale:  # also false for NaN
+        raise RequestError(
+            ErrorCode.OUT_OF_RANGE,
+            f"guidance_scale {guidance} is outside 0..{settings.max_guidance_scale}",
+        )
+    seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise RequestError(ErrorCode.OUT_OF_RANGE, f"seed is outside 0..{MAX_SEED}")
+    return JobSpec(
+        id=request.id or uuid.uuid4().hex,
+        prompt=prompt,
+        negative_prompt=request.negative_prompt or None,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        output=request.output or settings.default_output,
+        format=request.format or settings.default_format,
+        reply_to=reply_to,
+        correlation_data=correlation_data,
+    )
+
+
+def parse_cancel(payload: bytes, limit: int) -> str:
+    """Return the job id a ``cancel`` payload names.
+
+    Raises:
+        RequestError: The payload is not ``{"id": "..."}``.
+    """
+    data = decode_json(payload, limit)
+    try:
+        return CancelRequest.model_validate(data).id
+    except ValidationError as exc:
+        code, message = _field_error(exc)
+        raise RequestError(code, message) from exc
+
+
+def error_body(job_id: str | None, code: ErrorCode, message: str) -> dict[str, Any]:
+    """Return the JSON body of an error reply."""
+    return {"id": job_id, "status": "error", "error": {"code": code.value, "message": message}}

@@ -1,0 +1,163 @@
+"""Every Prometheus metric of the agent, defined here and nowhere else (prefix ``edgeai_``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+
+from agent import thermal
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from prometheus_client.metrics_core import Metric
+
+# A Pi 5 takes tens of seconds to minutes per SDXL-Turbo image; a GPU well under one second.
+LATENCY_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600)
+# Stages range from milliseconds (image encoding) to minutes (denoising on a Pi).
+STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+STATES = ("loading", "idle", "generating", "cooling", "error", "stopping")
+STAGES = (
+    "queue_wait",
+    "text_encoding",
+    "denoising",
+    "decoding",
+    "image_encoding",
+    "publishing",
+)
+
+
+class HardwareCollector:
+    """Reads temperature and throttling flags at scrape time, so values are never stale."""
+
+    def __init__(self, thermal_glob: str, vcgencmd: str) -> None:
+        """Create the collector.
+
+        Args:
+            thermal_glob: Files holding temperatures in millidegrees Celsius.
+            vcgencmd: The vcgencmd command, for throttling flags.
+        """
+        self._thermal_glob = thermal_glob
+        self._vcgencmd = vcgencmd
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the SoC temperature and, where vcgencmd exists, the throttling flags."""
+        temperature = thermal.read_temperature_c(self._thermal_glob)
+        if temperature is not None:
+            yield GaugeMetricFamily(
+                "edgeai_soc_temperature_celsius",
+                "Hottest SoC thermal zone, in degrees Celsius.",
+                value=temperature,
+            )
+        bits = thermal.read_throttled(self._vcgencmd)
+        if bits is None:
+            return
+        now = GaugeMetricFamily(
+            "edgeai_throttled",
+            "1 while the firmware reports this throttling condition (vcgencmd get_throttled).",
+            labels=["flag"],
+        )
+        for name, active in thermal.flags_now(bits).items():
+            now.add_metric([name], float(active))
+        yield now
+        since_boot = GaugeMetricFamily(
+            "edgeai_throttled_since_boot",
+            "1 if the firmware reported this throttling condition since boot.",
+            labels=["flag"],
+        )
+        for name, active in thermal.flags_since_boot(bits).items():
+            since_boot.add_metric([name], float(active))
+        yield since_boot
+
+
+class AgentMetrics:
+    """The agent's metrics, registered on one registry (a fresh one per agent in tests)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        thermal_glob: str = "/sys/class/thermal/thermal_zone*/temp",
+        vcgencmd: str = "vcgencmd",
+    ) -> None:
+        """Create and register every metric.
+
+        Args:
+            registry: Where the metrics are registered.
+            thermal_glob: Temperature files, read at scrape time.
+            vcgencmd: Command for throttling flags, run at scrape time where it exists.
+        """
+        self.registry = registry
+        self.generation_seconds = Histogram(
+            "edgeai_generation_seconds",
+            "Time the model took for one image: text encoding, denoising and decoding.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.job_seconds = Histogram(
+            "edgeai_job_seconds",
+            "Time from receiving a request to publishing its result.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "edgeai_stage_seconds",
+            "Time per stage of a job.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "edgeai_queue_wait_seconds",
+            "Time a job waited in the queue before it started.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "edgeai_queue_depth",
+            "Jobs waiting to run (the running one excluded).",
+            registry=registry,
+        )
+        self.requests = Counter(
+            "edgeai_requests",
+            "Requests received, by outcome: accepted, or the error code they were refused with.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.jobs = Counter(
+            "edgeai_jobs",
+            "Jobs finished, by status: done, failed or cancelled.",
+            ["status"],
+            registry=registry,
+        )
+        self.model_load_seconds = Gauge(
+            "edgeai_model_load_seconds",
+            "Time the worker took to load the model, last load.",
+            registry=registry,
+        )
+        self.model = Info(
+            "edgeai_model", "The model, device and precision in use.", registry=registry
+        )
+        self.mqtt_connected = Gauge(
+            "edgeai_mqtt_connected", "1 while connected to the MQTT broker.", registry=registry
+        )
+        self.worker_restarts = Counter(
+            "edgeai_worker_restarts",
+            "Times the generation worker process died and was started again.",
+            registry=registry,
+        )
+        self.state = Enum(
+            "edgeai_state", "What the agent is doing.", states=list(STATES), registry=registry
+        )
+        registry.register(HardwareCollector(thermal_glob, vcgencmd))
+
+    def prime(self, outcomes: list[str]) -> None:
+        """Create every labelled series at zero so dashboards and rate() see them from the start."""
+        for outcome in outcomes:
+            self.requests.labels(outcome=outcome)
+        for status in ("done", "failed", "cancelled"):
+            self.jobs.labels(status=status)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)

@@ -1,0 +1,200 @@
+"""The MQTT link: the one place that talks to paho-mqtt.
+
+paho runs its network loop in its own thread (``loop_start``); every callback crosses to the
+asyncio loop with ``call_soon_threadsafe``, and paho's errors become :class:`MqttError`. The
+link connects with MQTT 5, a persistent session and manual acknowledgement, sets the last will
+to ``offline`` and reconnects with backoff on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.settings import Settings
+    from agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+OFFLINE_PUBLISH_TIMEOUT_S = 5.0
+
+
+class MqttError(Exception):
+    """A publish or subscribe could not be handed to the broker."""
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message received, with what the agent needs of its MQTT 5 properties."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    response_topic: str | None
+    correlation_data: bytes | None
+
+
+class MqttLink:
+    """A connected (or reconnecting) MQTT client, driven from asyncio."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Topics,
+        subscriptions: list[str],
+        on_message: Callable[[Inbound], None],
+        on_connection: Callable[[bool], None],
+    ) -> None:
+        """Create the link; :meth:`start` connects.
+
+        Args:
+            settings: Broker address, credentials and session settings.
+            topics: The agent's topics (for the last will).
+            subscriptions: Topics subscribed at QoS 1 on every connect.
+            on_message: Called on the event loop for each message received.
+            on_connection: Called on the event loop with True on connect, False on disconnect.
+        """
+        self._settings = settings
+        self._topics = topics
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._on_connection = on_connection
+        self._loop = asyncio.get_running_loop()
+        self.connected = False
+        self.max_packet_size: int | None = None
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv5,
+            manual_ack=True,
+        )
+        if settings.mqtt_username is not None:
+            client.username_pw_set(settings.mqtt_username, settings.password())
+        client.will_set(topics.availability, "offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=settings.mqtt_reconnect_max_s)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_message = self._paho_message
+        self._client = client
+
+    def start(self) -> None:
+        """Connect in the background; paho retries until the broker answers."""
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
+        # Never more unacknowledged requests in flight than the queue can take.
+        properties.ReceiveMaximum = min(self._settings.max_queue + 1, 65535)
+        self._client.connect_async(
+            self._settings.mqtt_host,
+            self._settings.mqtt_port,
+            keepalive=self._settings.mqtt_keepalive_s,
+            clean_start=False,
+            properties=properties,
+        )
+        self._client.loop_start()
+
+    def publish(
+        self,
+        topic: str,
+        payload: str | bytes,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+    ) -> None:
+        """Queue a message; paho sends it now or after the next reconnect.
+
+        Raises:
+            MqttError: paho refused the message (too large, or the topic is invalid).
+        """
+        properties = None
+        if correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.CorrelationData = correlation_data
+        try:
+            info = self._client.publish(
+                topic, payload, qos=qos, retain=retain, properties=properties
+            )
+        except ValueError as exc:
+            raise MqttError(f"cannot publish to {topic!r}: {exc}") from exc
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MqttError(f"cannot publish to {topic!r}: {paho.error_string(info.rc)}")
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a message, so the broker will not deliver it again."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+    async def stop(self) -> None:
+        """Publish ``offline`` (a clean DISCONNECT suppresses the will), then disconnect."""
+        if self.connected:
+            info = self._client.publish(self._topics.availability, "offline", qos=1, retain=True)
+            await asyncio.to_thread(info.wait_for_publish, OFFLINE_PUBLISH_TIMEOUT_S)
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+
+    # --- paho thread side: only hand over to the loop
+    def _paho_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,  # noqa: ANN401 - paho's signature
+        flags: paho.ConnectFlags,
+        reason_code: Any,  # noqa: ANN401
+        properties: Properties | None,
+    ) -> None:
+        del userdata, flags
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            return
+        max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
+        client.subscribe([(topic, 1) for topic in self._subscriptions])
+        client.publish(self._topics.availability, "online", qos=1, retain=True)
+        self._loop.call_soon_threadsafe(self._set_connected, True, max_packet)
+
+    def _paho_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,  # noqa: ANN401 - paho's signature
+        flags: paho.DisconnectFlags,
+        reason_code: Any,  # noqa: ANN401
+        properties: Properties | None,
+    ) -> None:
+        del client, userdata, flags, properties
+        log.warning("disconnected from the broker: %s", reason_code)
+        self._loop.call_soon_threadsafe(self._set_connected, False, None)
+
+    def _paho_message(
+        self,
+        client: paho.Client,
+        userdata: Any,  # noqa: ANN401 - paho's signature
+        message: paho.MQTTMessage,
+    ) -> None:
+        del client, userdata
+        properties = getattr(message, "properties", None)
+        inbound = Inbound(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retain=bool(message.retain),
+            mid=message.mid,
+            response_topic=getattr(properties, "ResponseTopic", None),
+            correlation_data=getattr(properties, "CorrelationData", None),
+        )
+        self._loop.call_soon_threadsafe(self._on_message, inbound)
+
+    def _set_connected(self, connected: bool, max_packet_size: int | None) -> None:
+        self.connected = connected
+        if connected:
+            self.max_packet_size = max_packet_size
+        self._on_connection(connected)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Prepare a broker for edgeai-agent in a state folder, without prompting:
+#   - credentials for the users edgeai-agent and edgeai-client, generated once and kept in
+#     STATE_DIR/credentials/<user>.password (mode 600), and mosquitto's password file;
+#   - STATE_DIR/mosquitto/mosquitto.conf, this folder's policy with the paths filled in.
+# Usage: mosquitto/prepare.sh STATE_DIR [PORT] [BIND_ADDRESS]
+# Then:  mosquitto -c STATE_DIR/mosquitto/mosquitto.conf
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+state=${1:?usage: prepare.sh STATE_DIR [PORT] [BIND_ADDRESS]}
+port=${2:-1883}
+bind=${3:-0.0.0.0}
+mkdir -p "$state"
+state=$(cd "$state" && pwd)
+
+umask 077
+mkdir -p "$state/credentials" "$state/mosquitto/data"
+passwd_file="$state/mosquitto/passwd"
+new_passwd="$passwd_file.new"
+: > "$new_passwd"
+for user in edgeai-agent edgeai-client; do
+  secret="$state/credentials/$user.password"
+  if [ ! -s "$secret" ]; then
+    # 24 random bytes, base64 without characters that need quoting in a shell or a URL.
+    head -c 24 /dev/urandom | base64 | tr -d '/+=\n' > "$secret"
+  fi
+  mosquitto_passwd -b "$new_passwd" "$user" "$(cat "$secret")"
+done
+mv "$new_passwd" "$passwd_file"
+
+sed -e "s|@STATE_DIR@|$state|g" \
+    -e "s|@ACL_FILE@|$here/acl|g" \
+    -e "s|@PORT@|$port|g" \
+    -e "s|@BIND@|$bind|g" \
+    -e "s|@USER@|$(id -un)|g" \
+    "$here/mosquitto.conf" > "$state/mosquitto/mosquitto.conf"
+echo "$state/mosquitto/mosquitto.conf"

@@ -1,0 +1,256 @@
+"""Fixtures with real parts: a mosquitto broker, a tiny SDXL pipeline, the agent as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.mqtt_client import TestClient
+from tests.tiny_pipeline import build_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SDXL pipeline in the hub's folder layout."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@dataclass
+class Broker:
+    """A mosquitto started from the project's config (auth and ACL on) on a free port."""
+
+    state_dir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        subprocess.run(
+            [str(ROOT / "mosquitto" / "prepare.sh"), str(self.state_dir), str(self.port), "127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )
+
+    @property
+    def config(self) -> Path:
+        return self.state_dir / "mosquitto" / "mosquitto.conf"
+
+    def password(self, user: str) -> str:
+        return (self.state_dir / "credentials" / f"{user}.password").read_text().strip()
+
+    def password_file(self, user: str) -> Path:
+        return self.state_dir / "credentials" / f"{user}.password"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)])
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def client(self, user: str = "edgeai-client", **kwargs) -> TestClient:
+        return TestClient(self.port, user, self.password(user), **kwargs)
+
+
+def start_broker(state_dir: Path) -> Broker:
+    broker = Broker(state_dir)
+    broker.start()
+    return broker
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    running = start_broker(tmp_path / "broker")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    running = start_broker(tmp_path_factory.mktemp("broker"))
+    yield running
+    running.stop()
+
+
+@dataclass
+class AgentProcess:
+    """The agent run as a user runs it: ``python -m agent`` with EDGEAI_ settings."""
+
+    broker: Broker
+    model: Path
+    state_dir: Path
+    extra_env: dict[str, str]
+    node_id: str = field(default_factory=lambda: f"node-{uuid.uuid4().hex[:6]}")
+    http_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"edgeai/{self.node_id}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "agent.log"
+
+    def env(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("EDGEAI_")}
+        env.update(
+            {
+                "EDGEAI_NODE_ID": self.node_id,
+                "EDGEAI_MQTT_HOST": "127.0.0.1",
+                "EDGEAI_MQTT_PORT": str(self.broker.port),
+                "EDGEAI_MQTT_USERNAME": "edgeai-agent",
+                "EDGEAI_MQTT_PASSWORD_FILE": str(self.broker.password_file("edgeai-agent")),
+                "EDGEAI_MODEL": str(self.model),
+                "EDGEAI_STATE_DIR": str(self.state_dir),
+                "EDGEAI_HTTP_HOST": "127.0.0.1",
+                "EDGEAI_HTTP_PORT": str(self.http_port),
+                "EDGEAI_PUBLIC_URL": self.url,
+                "EDGEAI_TORCH_THREADS": "1",
+                "EDGEAI_WORKER_RESTART_DELAY_S": "0.2",
+                "EDGEAI_THERMAL_GLOB": str(self.state_dir / "thermal" / "thermal_zone*" / "temp"),
+                "EDGEAI_VCGENCMD": "edgeai-no-vcgencmd",
+                "EDGEAI_STATE_INTERVAL_S": "2",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, wait: bool = True) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent"], env=self.env(), stdout=log, stderr=subprocess.STDOUT
+        )
+        if wait:
+            self.wait_state("idle")
+
+    def wait_state(self, state: str, timeout: float = 120.0) -> dict:
+        client = self.broker.client()
+        try:
+            client.subscribe(f"{self.base}/state")
+            message = client.wait_for(
+                f"{self.base}/state", lambda m: m.json()["state"] == state, timeout=timeout
+            )
+            return message.json()
+        except AssertionError:
+            raise AssertionError(f"agent never reached {state}; log:\n{self.log()}") from None
+        finally:
+            client.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def http_get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read()
+
+    def metrics(self) -> str:
+        status, _, body = self.http_get("/metrics")
+        assert status == 200
+        return body.decode()
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, tiny_model: Path) -> Iterator:
+    agents: list[AgentProcess] = []
+
+    def make(broker: Broker, start: bool = True, **env: str) -> AgentProcess:
+        agent = AgentProcess(broker, tiny_model, tmp_path / f"agent{len(agents)}", env)
+        agents.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_agent(
+    module_broker: Broker, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
+    """One agent for the contract tests that do not need a fresh one."""
+    agent = AgentProcess(module_broker, tiny_model, tmp_path_factory.mktemp("agent"), {})
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture
+def client(module_broker: Broker) -> Iterator[TestClient]:
+    test_client = module_broker.client()
+    yield test_client
+    test_client.close()
+
+
+def request(prompt: str = "a red apple", **fields) -> str:
+    return json.dumps({"prompt": prompt, **fields})
+
+
+def require_command(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; scripts/test installs it")
+    return path

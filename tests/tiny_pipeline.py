@@ -1,0 +1,152 @@
+"""Build a tiny SDXL pipeline offline: diffusers' own classes, random weights, a small tokenizer.
+
+The folder it writes has the Hugging Face hub layout (``model_index.json``, one sub-folder per
+component, safetensors weights), so the agent loads it through the same ``from_pretrained`` path
+as ``stabilityai/sdxl-turbo``. The VAE keeps SDXL's scale factor of 8, so a 512x512 request makes
+64x64 latents exactly as the real model does, only with far fewer channels.
+
+Run ``python -m tests.tiny_pipeline FOLDER`` to write one for a manual run of the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# A handful of merges is enough: the tokenizer falls back to single bytes for everything else.
+_MERGES = ("a p", "ap p", "l e</w>", "app le</w>", "r e", "d o", "do g</w>", "c a", "ca t</w>")
+_VOCAB_SIZE = 1000
+
+
+def _bytes_to_unicode() -> list[str]:
+    """Return CLIP's printable stand-in for each of the 256 byte values, in CLIP's order."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> None:
+    """Write a CLIP BPE tokenizer (vocab.json, merges.txt, config) with a small vocabulary."""
+    from transformers import CLIPTokenizer  # noqa: PLC0415 - heavy import kept local
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in _MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(_MERGES) + "\n", encoding="utf-8"
+    )
+    tokenizer = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"),
+        merges=str(folder / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(str(folder))
+
+
+def build_tiny_pipeline(folder: Path) -> Path:
+    """Write a tiny random-weight SDXL pipeline to ``folder`` and return the folder.
+
+    Args:
+        folder: Where the pipeline goes; created if missing.
+
+    Returns:
+        The folder, ready for ``AutoPipelineForText2Image.from_pretrained``.
+    """
+    import torch  # noqa: PLC0415 - heavy import kept local
+    from diffusers import (  # noqa: PLC0415
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (  # noqa: PLC0415
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    torch.manual_seed(0)
+    text_config = {
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "pad_token_id": 1,
+        "vocab_size": _VOCAB_SIZE,
+        "hidden_act": "gelu",
+        "projection_dim": 32,
+    }
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        sample_size=512,
+    )
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")  # noqa: S106 - a token, not a secret
+    write_tokenizer(folder / "tokenizer_2", pad_token="!")  # noqa: S106
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2")),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+if __name__ == "__main__":
+    print(build_tiny_pipeline(Path(sys.argv[1])))
