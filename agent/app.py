@@ -126,8 +126,7 @@ class Agent:
     def _on_message(self, message: Inbound) -> None:
         try:
             if message.retain:
-                # A retained request would run again at every reconnect of every agent.
-                log.warning("ignored a retained message on %s", message.topic)
+                self._on_retained(message)
             elif message.topic == self.topics.generate:
                 self._on_generate(message)
             elif message.topic == self.topics.cancel:
@@ -152,6 +151,15 @@ class Agent:
             self._refuse(RequestError(ErrorCode.INTERNAL_ERROR, f"internal error: {exc}"), message)
             return
         self.metrics.requests.labels(outcome="accepted").inc()
+
+    def _on_retained(self, message: Inbound) -> None:
+        if not message.payload:
+            return  # a client clearing a retained message: nothing to answer
+        error = RequestError(
+            ErrorCode.RETAINED_REQUEST,
+            "requests must not be retained (they would run again at every reconnect)",
+        )
+        self._refuse(error, message)
 
     def _refuse(self, error: RequestError, message: Inbound) -> None:
         self.metrics.requests.labels(outcome=error.code.value).inc()

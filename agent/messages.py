@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     WORKER_CRASHED = "worker_crashed"
     MODEL_UNAVAILABLE = "model_unavailable"
     SHUTTING_DOWN = "shutting_down"
+    RETAINED_REQUEST = "retained_request"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -226,33 +227,34 @@ def parse_generate(
     Raises:
         RequestError: The request is invalid; the error names the problem.
     """
-    reply_to = _checked_reply_to(response_topic, settings)
-    text = decode_text(payload, settings.max_payload_bytes)
-    if text.lstrip()[:1] in ("{", "["):
-        data = decode_json(payload, settings.max_payload_bytes)
-        if not isinstance(data, dict):
-            raise RequestError(
-                ErrorCode.INVALID_REQUEST, "a JSON request must be an object", reply_to=reply_to
-            )
-    else:
-        data = {"prompt": text.strip()}
-    job_id = _readable_id(data)
-    if reply_to is None and isinstance(data.get("reply_to"), str):
-        try:
+    reply_to: str | None = None
+    job_id: str | None = None
+    try:
+        reply_to = _checked_reply_to(response_topic, settings)
+        data = _decode_request(payload, settings.max_payload_bytes)
+        job_id = _readable_id(data)
+        if reply_to is None and isinstance(data.get("reply_to"), str):
             reply_to = _checked_reply_to(data["reply_to"], settings)
-        except RequestError as exc:
-            exc.job_id = job_id
-            raise
-    try:
-        request = GenerateRequest.model_validate(data)
-    except ValidationError as exc:
-        code, message = _field_error(exc)
-        raise RequestError(code, message, job_id=job_id, reply_to=reply_to) from exc
-    try:
+        try:
+            request = GenerateRequest.model_validate(data)
+        except ValidationError as exc:
+            code, message = _field_error(exc)
+            raise RequestError(code, message) from exc
         return _resolve(request, settings, reply_to, correlation_data)
     except RequestError as exc:
+        # Whatever failed, the reply goes wherever the request could be traced back to.
         exc.job_id, exc.reply_to = job_id, reply_to
         raise
+
+
+def _decode_request(payload: bytes, limit: int) -> dict[str, Any]:
+    text = decode_text(payload, limit)
+    if text.lstrip()[:1] not in ("{", "["):
+        return {"prompt": text.strip()}
+    data = decode_json(payload, limit)
+    if not isinstance(data, dict):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "a JSON request must be an object")
+    return data
 
 
 def _checked_reply_to(topic: str | None, settings: Settings) -> str | None:

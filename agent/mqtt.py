@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -158,7 +159,11 @@ class MqttLink:
             log.error("broker refused the connection: %s", reason_code)
             return
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
-        client.subscribe([(topic, 1) for topic in self._subscriptions])
+        # retainHandling 2: retained requests are never replayed at subscribe time (they would
+        # run again at every reconnect); retainAsPublished: a request published with the retain
+        # flag keeps it, so the agent can refuse it.
+        options = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=2)
+        client.subscribe([(topic, options) for topic in self._subscriptions])
         client.publish(self._topics.availability, "online", qos=1, retain=True)
         self._loop.call_soon_threadsafe(self._set_connected, True, max_packet)
 

@@ -57,7 +57,12 @@ class Broker:
 
     def __post_init__(self) -> None:
         subprocess.run(
-            [str(ROOT / "mosquitto" / "prepare.sh"), str(self.state_dir), str(self.port), "127.0.0.1"],
+            [
+                str(ROOT / "mosquitto" / "prepare.sh"),
+                str(self.state_dir),
+                str(self.port),
+                "127.0.0.1",
+            ],
             check=True,
             capture_output=True,
         )
@@ -232,7 +237,9 @@ def shared_agent(
     module_broker: Broker, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AgentProcess]:
     """One agent for the contract tests that do not need a fresh one."""
-    agent = AgentProcess(module_broker, tiny_model, tmp_path_factory.mktemp("agent"), {})
+    # 50 steps are allowed so that tests can hold a job running long enough to cancel it.
+    env = {"EDGEAI_MAX_STEPS": "50"}
+    agent = AgentProcess(module_broker, tiny_model, tmp_path_factory.mktemp("agent"), env)
     agent.start()
     yield agent
     agent.stop()
@@ -247,6 +254,15 @@ def client(module_broker: Broker) -> Iterator[TestClient]:
 
 def request(prompt: str = "a red apple", **fields) -> str:
     return json.dumps({"prompt": prompt, **fields})
+
+
+def generate(client: TestClient, agent: AgentProcess, timeout: float = 60.0, **fields) -> dict:
+    """Send one JSON request and return its result (subscribing first, so nothing is missed)."""
+    job_id = fields.setdefault("id", uuid.uuid4().hex[:12])
+    fields.setdefault("prompt", "a red apple")
+    client.subscribe(f"{agent.base}/result/{job_id}")
+    client.publish(f"{agent.base}/generate", json.dumps(fields))
+    return client.wait_for(f"{agent.base}/result/{job_id}", timeout=timeout).json()
 
 
 def require_command(name: str) -> str:

@@ -93,9 +93,7 @@ class TestClient:
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         info.wait_for_publish(10)
 
-    def wait_for(
-        self, topic: str, predicate: Any = None, timeout: float = 60.0
-    ) -> Received:
+    def wait_for(self, topic: str, predicate: Any = None, timeout: float = 60.0) -> Received:
         """Return the first message on ``topic`` (seen before or arriving) matching predicate."""
         deadline = time.monotonic() + timeout
         checked = 0
