@@ -142,7 +142,11 @@ class Agent:
                 response_topic=message.response_topic,
                 correlation_data=message.correlation_data,
             )
-            self.runner.submit(spec)
+            try:
+                self.runner.submit(spec)
+            except RequestError as exc:
+                exc.job_id, exc.reply_to = spec.id, spec.reply_to
+                raise
         except RequestError as exc:
             self._refuse(exc, message)
             return
@@ -266,5 +270,6 @@ class Agent:
             "status": "ok" if healthy else "degraded",
             "state": state,
             "mqtt_connected": connected,
+            "worker_pid": self.worker.pid if hasattr(self, "worker") else None,
         }
         return healthy, details

@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 45
 # Stages range from milliseconds (image encoding) to minutes (denoising on a Pi).
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
-STATES = ("loading", "idle", "generating", "cooling", "error", "stopping")
+STATES = ("loading", "idle", "generating", "cooling", "error")
 STAGES = (
     "queue_wait",
     "text_encoding",

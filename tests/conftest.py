@@ -174,14 +174,20 @@ class AgentProcess:
 
     def wait_state(self, state: str, timeout: float = 120.0) -> dict:
         client = self.broker.client()
+        deadline = time.monotonic() + timeout
         try:
             client.subscribe(f"{self.base}/state")
-            message = client.wait_for(
-                f"{self.base}/state", lambda m: m.json()["state"] == state, timeout=timeout
-            )
-            return message.json()
-        except AssertionError:
-            raise AssertionError(f"agent never reached {state}; log:\n{self.log()}") from None
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    break
+                try:
+                    message = client.wait_for(
+                        f"{self.base}/state", lambda m: m.json()["state"] == state, timeout=0.5
+                    )
+                    return message.json()
+                except AssertionError:
+                    continue
+            raise AssertionError(f"agent never reached {state}; log:\n{self.log()}")
         finally:
             client.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -108,10 +109,8 @@ class TestClient:
             if remaining <= 0:
                 topics = sorted({m.topic for m in self.seen})
                 raise AssertionError(f"no matching message on {topic} in {timeout} s; saw {topics}")
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._messages.get(timeout=min(remaining, 0.2))
-            except queue.Empty:
-                pass
 
     def messages(self, topic: str) -> list[Received]:
         with self._lock:

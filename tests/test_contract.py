@@ -265,3 +265,18 @@ def test_retained_requests_are_refused_not_run(shared_agent, client):
     client.publish(f"{base}/generate", "", retain=True)  # clear it from the broker again
     assert generate(client, shared_agent, id="after-retained")["status"] == "ok"
     assert client.messages(f"{base}/jobs/retained-job") == []
+
+
+def test_an_id_in_progress_is_not_run_twice(shared_agent, client):
+    base = shared_agent.base
+    client.subscribe(f"{base}/result/twice", f"{base}/jobs/twice")
+    request = json.dumps({"prompt": "x", "id": "twice", "steps": 30})
+    client.publish(f"{base}/generate", request)
+    client.publish(f"{base}/generate", request)
+    first = client.wait_for(f"{base}/result/twice").json()
+    second = client.wait_for(f"{base}/result/twice", lambda m: m.json() != first).json()
+    assert {first["status"], second["status"]} == {"ok", "error"}
+    refusal = first if first["status"] == "error" else second
+    assert refusal["error"]["code"] == "duplicate_id"
+    queued = [m for m in client.messages(f"{base}/jobs/twice") if m.json()["event"] == "queued"]
+    assert len(queued) == 1

@@ -1,0 +1,85 @@
+"""The HTTP server: images, health, metrics checked by promtool, and nothing outside the folder."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import generate, require_command
+
+
+def raw_get(agent, path: str) -> int:
+    """Send the path exactly as written (urllib would normalise it)."""
+    connection = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=10)
+    try:
+        connection.putrequest("GET", path, skip_accept_encoding=True)
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_healthz(shared_agent):
+    status, headers, body = shared_agent.http_get("/healthz")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert b'"mqtt_connected": true' in body
+
+
+def test_metrics_pass_promtool_and_count_jobs(shared_agent, client):
+    generate(client, shared_agent)
+    text = shared_agent.metrics()
+    checked = subprocess.run(
+        [require_command("promtool"), "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+    assert re.search(r'^edgeai_jobs_total\{status="done"\} [1-9]', text, re.MULTILINE)
+    assert re.search(r'^edgeai_requests_total\{outcome="accepted"\} [1-9]', text, re.MULTILINE)
+    assert re.search(r"^edgeai_generation_seconds_count [1-9]", text, re.MULTILINE)
+    assert re.search(r'^edgeai_stage_seconds_count\{stage="denoising"\} [1-9]', text, re.MULTILINE)
+    assert re.search(r'^edgeai_stage_seconds_count\{stage="queue_wait"\} [1-9]', text, re.MULTILINE)
+    assert re.search(r"^edgeai_queue_wait_seconds_count [1-9]", text, re.MULTILINE)
+    assert "edgeai_queue_depth 0.0" in text
+    assert "edgeai_mqtt_connected 1.0" in text
+    assert re.search(r"^edgeai_model_load_seconds [0-9.]+$", text, re.MULTILINE)
+    assert 'edgeai_model_info{device="cpu",dtype="float32"' in text
+    deadline = time.monotonic() + 10
+    while 'edgeai_state{edgeai_state="idle"} 1.0' not in shared_agent.metrics():
+        assert time.monotonic() < deadline, "the state metric never went back to idle"
+        time.sleep(0.1)
+    assert 'le="600.0"' in text  # latency buckets reach ten minutes
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/../agent.log",
+        "/images/%2e%2e/agent.log",
+        "/images/..%2fagent.log",
+        "/images/%2e%2e%2fagent.log",
+        "/images/x.png%00.png",
+        "/images/.hidden.png",
+        "/images/",
+        "/images/../../etc/passwd",
+        "/../etc/passwd",
+        "/nope",
+    ],
+)
+def test_no_path_reaches_outside_the_image_folder(shared_agent, path):
+    assert raw_get(shared_agent, path) == 404
+
+
+def test_a_symlink_in_the_image_folder_is_not_followed(shared_agent):
+    link = shared_agent.state_dir / "images" / "sneaky.png"
+    link.symlink_to(shared_agent.log_path)
+    try:
+        assert raw_get(shared_agent, "/images/sneaky.png") == 404
+    finally:
+        link.unlink()

@@ -1,0 +1,162 @@
+"""The agent's life: worker crashes, a model that will not load, shutdown, the last will, bounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+
+from tests.conftest import generate
+
+
+def worker_pid(agent) -> int:
+    _, _, body = agent.http_get("/healthz")
+    pid = json.loads(body)["worker_pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def test_worker_killed_during_a_job_fails_it_and_comes_back(broker, make_agent):
+    agent = make_agent(broker, EDGEAI_MAX_STEPS="50")
+    client = broker.client()
+    base = agent.base
+    client.subscribe(f"{base}/jobs/doomed", f"{base}/result/doomed", f"{base}/state")
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "doomed", "steps": 50}))
+    client.wait_for(f"{base}/jobs/doomed", lambda m: m.json().get("step") == 1)
+    old_pid = worker_pid(agent)
+    os.kill(old_pid, signal.SIGKILL)
+    result = client.wait_for(f"{base}/result/doomed").json()
+    assert result["status"] == "error"
+    assert result["error"]["code"] == "worker_crashed"
+    assert "died" in result["error"]["message"]
+    client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "loading")
+    client.wait_for(
+        f"{base}/state",
+        lambda m: m.json()["state"] == "idle" and m.json()["last_latency_s"] is None,
+    )
+    assert generate(client, agent)["status"] == "ok"
+    assert worker_pid(agent) != old_pid
+    metrics = agent.metrics()
+    assert "edgeai_worker_restarts_total 1.0" in metrics
+    assert 'edgeai_jobs_total{status="failed"} 1.0' in metrics
+    assert agent.process.poll() is None
+    client.close()
+
+
+def test_an_exception_in_the_pipeline_fails_the_job_not_the_worker(
+    broker, make_agent, tiny_model, tmp_path
+):
+    # A model that loads but breaks in torch at every call: its second tokenizer pads prompts to
+    # 100 tokens while its text encoder has position embeddings for 77.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    config_path = broken / "tokenizer_2" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_max_length"] = 100
+    config_path.write_text(json.dumps(config))
+    agent = make_agent(broker, EDGEAI_MODEL=str(broken))
+    client = broker.client()
+    pid = worker_pid(agent)
+    for _ in range(2):
+        failed = generate(client, agent)
+        assert failed["status"] == "error"
+        assert failed["error"]["code"] == "generation_failed"
+        assert "Error" in failed["error"]["message"]
+    assert worker_pid(agent) == pid
+    metrics = agent.metrics()
+    assert "edgeai_worker_restarts_total 0.0" in metrics
+    assert 'edgeai_jobs_total{status="failed"} 2.0' in metrics
+    client.close()
+
+
+def test_a_model_that_cannot_load_is_reported(broker, make_agent, tmp_path):
+    agent = make_agent(broker, start=False, EDGEAI_MODEL=str(tmp_path / "no-such-model"))
+    agent.start(wait=False)
+    state = agent.wait_state("error")
+    assert "no-such-model" in state["error"]
+    client = broker.client()
+    result = generate(client, agent)
+    assert result["error"]["code"] == "model_unavailable"
+    status, _, _ = agent.http_get("/healthz")
+    assert status == 503
+    client.close()
+
+
+def test_sigterm_publishes_offline_and_exits_zero(broker, make_agent):
+    agent = make_agent(broker)
+    client = broker.client()
+    client.subscribe(f"{agent.base}/availability")
+    client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"online")
+    assert agent.stop() == 0
+    client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"offline")
+    assert "Traceback" not in agent.log()
+    client.close()
+
+
+def test_kill_9_leaves_the_last_will(broker, make_agent):
+    agent = make_agent(broker)
+    client = broker.client()
+    client.subscribe(f"{agent.base}/availability")
+    client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"online")
+    agent.signal(signal.SIGKILL)
+    agent.process.wait()
+    client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"offline", timeout=30)
+    client.close()
+
+
+def test_a_full_queue_answers_busy(broker, make_agent):
+    agent = make_agent(broker, EDGEAI_MAX_QUEUE="1", EDGEAI_MAX_STEPS="50")
+    client = broker.client()
+    base = agent.base
+    client.subscribe(f"{base}/jobs/+", f"{base}/result/+")
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "first", "steps": 50}))
+    client.wait_for(f"{base}/jobs/first", lambda m: m.json().get("step") == 1)
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "second"}))
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "third"}))
+    busy = client.wait_for(f"{base}/result/third").json()
+    assert busy["error"]["code"] == "busy"
+    assert "queue is full" in busy["error"]["message"]
+    assert client.wait_for(f"{base}/result/first").json()["status"] == "ok"
+    assert client.wait_for(f"{base}/result/second").json()["status"] == "ok"
+    assert re.search(r'edgeai_requests_total\{outcome="busy"\} 1.0', agent.metrics())
+    client.close()
+
+
+def test_image_folder_keeps_to_its_limits(broker, make_agent):
+    agent = make_agent(broker, EDGEAI_IMAGE_KEEP_COUNT="2")
+    client = broker.client()
+    urls = [generate(client, agent, output="url")["image"]["url"] for _ in range(3)]
+    assert len(list((agent.state_dir / "images").iterdir())) == 2
+    paths = [url.removeprefix(agent.url) for url in urls]
+    assert [agent.http_get(path)[0] for path in paths] == [404, 200, 200]
+    client.close()
+
+
+def test_temperature_throttling_and_bfloat16(broker, make_agent, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    vcgencmd = fake_bin / "vcgencmd"
+    vcgencmd.write_text("#!/bin/sh\necho throttled=0x50005\n")
+    vcgencmd.chmod(vcgencmd.stat().st_mode | stat.S_IEXEC)
+    agent = make_agent(broker, start=False, EDGEAI_VCGENCMD=str(vcgencmd), EDGEAI_DTYPE="bfloat16")
+    zone = agent.state_dir / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "temp").write_text("61234\n")
+    agent.start()
+    metrics = agent.metrics()
+    assert "edgeai_soc_temperature_celsius 61.234" in metrics
+    assert 'edgeai_throttled{flag="under_voltage"} 1.0' in metrics
+    assert 'edgeai_throttled{flag="throttled"} 1.0' in metrics
+    assert 'edgeai_throttled{flag="arm_frequency_capped"} 0.0' in metrics
+    assert 'edgeai_throttled_since_boot{flag="under_voltage"} 1.0' in metrics
+    assert 'edgeai_throttled_since_boot{flag="throttled"} 1.0' in metrics
+    assert 'dtype="bfloat16"' in metrics
+    state = agent.wait_state("idle")
+    assert state["temperature_c"] == 61.234
+    assert state["throttled"] is True
+    client = broker.client()
+    assert generate(client, agent)["status"] == "ok"
+    client.close()
