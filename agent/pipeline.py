@@ -90,8 +90,8 @@ class Text2Image:
             threads: CPU threads for torch; 0 leaves torch's default (every core).
         """
         # Progress bars are for terminals; the agent reports progress on MQTT instead.
-        diffusers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         if threads > 0:
             torch.set_num_threads(threads)
         started = time.perf_counter()
