@@ -91,14 +91,14 @@ class Text2Image:
         """
         # Progress bars are for terminals; the agent reports progress on MQTT instead.
         diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        transformers.utils.logging.disable_progress_bar()
         if threads > 0:
             torch.set_num_threads(threads)
         started = time.perf_counter()
         self.device = choose_device(device)
         self.dtype = choose_dtype(dtype, self.device)
         # safetensors only and no remote code: a model folder can never run code of its own.
-        self._pipeline: Any = AutoPipelineForText2Image.from_pretrained(  # type: ignore[no-untyped-call]
+        self._pipeline: Any = AutoPipelineForText2Image.from_pretrained(
             model, dtype=self.dtype, use_safetensors=True, trust_remote_code=False
         )
         self._pipeline.to(self.device)
