@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from agent import thermal
 from agent.images import ImageStore
-from agent.messages import ErrorCode, RequestError, parse_cancel, parse_generate
+from agent.journal import JobStatus, Journal
+from agent.messages import ErrorCode, JobSpec, RequestError, parse_cancel, parse_generate
 from agent.metrics import AgentMetrics
 from agent.mqtt import Inbound, MqttError, MqttLink
 from agent.outbox import Outbox
-from agent.runner import Runner
+from agent.runner import Job, Runner
+from agent.thermal import ThermalGuard
 from agent.topics import Topics
 from agent.worker import WorkerConfig
 from agent.worker_link import WorkerLink, WorkerStatus
@@ -27,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUEST_OUTCOMES = ["accepted", *(code.value for code in ErrorCode)]
+REQUEST_OUTCOMES = ["accepted", "redelivered", *(code.value for code in ErrorCode)]
+JOURNAL_PRUNE_INTERVAL_S = 3600.0
 
 
 class Agent:
@@ -51,6 +56,10 @@ class Agent:
         self._temperature_c: float | None = None
         self._throttled: bool | None = None
         self._state = "loading"
+        # Accepted requests wait here, in order, for their journal row; counted as queued.
+        self._intake: asyncio.Queue[tuple[Inbound, JobSpec]] = asyncio.Queue()
+        self._accepting = True
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle
     async def run(self) -> int:
@@ -93,42 +102,90 @@ class Agent:
             on_change=self._on_worker_change,
             on_restart=self.metrics.worker_restarts.inc,
         )
-        self.runner = Runner(
-            self.worker, outbox, self.metrics, settings.max_queue, self._state_changed.set
+        self.journal = Journal(settings.journal_path)
+        self.guard = ThermalGuard(
+            settings.thermal_glob,
+            settings.pause_c,
+            settings.resume_c,
+            settings.thermal_poll_s,
+            self._state_changed.set,
         )
+        self.runner = Runner(
+            worker=self.worker,
+            outbox=outbox,
+            journal=self.journal,
+            guard=self.guard,
+            metrics=self.metrics,
+            max_attempts=settings.max_attempts,
+            on_change=self._state_changed.set,
+        )
+        await self._recover()
         self.link.start()
         self.worker.start()
         tasks = [
             asyncio.create_task(self.runner.run(), name="runner"),
             asyncio.create_task(self._keep_state(), name="state"),
+            asyncio.create_task(self._take_requests(), name="intake"),
+            asyncio.create_task(self._prune_journal(), name="journal-prune"),
         ]
         await self._stop.wait()
         log.info("stopping")
         await self._shutdown(tasks)
         return 0
 
+    async def _recover(self) -> None:
+        """Publish replies that were not delivered, and queue jobs that did not finish."""
+        for entry in await self.journal.undelivered():
+            log.info("publishing the stored reply of %s again", entry.spec.id)
+            await self.runner.redeliver(entry)
+        for entry in await self.journal.unfinished():
+            await self.runner.resume(entry)
+
+    async def _prune_journal(self) -> None:
+        while True:
+            removed = await self.journal.prune(
+                self.settings.journal_keep_s, self.settings.journal_keep_rows
+            )
+            if removed:
+                log.info("journal: removed %d delivered jobs", removed)
+            await asyncio.sleep(JOURNAL_PRUNE_INTERVAL_S)
+
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Take no new job, let the running one finish within the grace period, then stop."""
-        self.runner.stop_accepting()
-        if self.runner.current is not None:
+        """Take no new job, let the running one finish within the grace period, then stop.
+
+        Jobs still queued stay in the journal and run after the next start. A job still running
+        when the grace period ends goes back to the journal's queue, its attempt not counted.
+        """
+        self._accepting = False
+        running = self.runner.current
+        if running is not None:
             log.info("waiting up to %.0f s for the running job", self.settings.shutdown_grace_s)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.shutdown_grace_s):
                     await self.runner.idle()
+        interrupted = self.runner.current
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if interrupted is not None:
+            log.warning(
+                "job %s did not finish in time; it runs again after the restart",
+                interrupted.spec.id,
+            )
+            await self.journal.requeue(interrupted.spec.id, refund=True)
         await self.worker.stop()
         await self.link.stop()
         await asyncio.to_thread(self.http.stop)
+        self.journal.close()
 
     # --- inbound
     def _on_message(self, message: Inbound) -> None:
+        if message.topic == self.topics.generate and not message.retain:
+            self._on_generate(message)  # acknowledged once its journal row is committed
+            return
         try:
             if message.retain:
                 self._on_retained(message)
-            elif message.topic == self.topics.generate:
-                self._on_generate(message)
             elif message.topic == self.topics.cancel:
                 self._on_cancel(message)
         finally:
@@ -142,18 +199,69 @@ class Agent:
                 response_topic=message.response_topic,
                 correlation_data=message.correlation_data,
             )
-            try:
-                self.runner.submit(spec)
-            except RequestError as exc:
-                exc.job_id, exc.reply_to = spec.id, spec.reply_to
-                raise
+            self._check_room(spec)
         except RequestError as exc:
             self._refuse(exc, message)
+            self.link.ack(message)
             return
-        except Exception as exc:  # a request must never go unanswered, even on a bug
-            log.exception("unexpected error while taking a request")
-            self._refuse(RequestError(ErrorCode.INTERNAL_ERROR, f"internal error: {exc}"), message)
+        self._intake.put_nowait((message, spec))
+
+    def _check_room(self, spec: JobSpec) -> None:
+        if not self._accepting:
+            raise RequestError(
+                ErrorCode.SHUTTING_DOWN,
+                "the agent is shutting down",
+                job_id=spec.id,
+                reply_to=spec.reply_to,
+            )
+        if self.runner.depth + self._intake.qsize() >= self.settings.max_queue:
+            raise RequestError(
+                ErrorCode.BUSY,
+                f"the queue is full ({self.settings.max_queue} jobs); try again later",
+                job_id=spec.id,
+                reply_to=spec.reply_to,
+            )
+
+    async def _take_requests(self) -> None:
+        """Journal each accepted request, in arrival order, then acknowledge it."""
+        while True:
+            message, spec = await self._intake.get()
+            try:
+                await self._accept(message, spec)
+            except RequestError as exc:
+                self._refuse(exc, message)
+            except Exception as exc:  # a request must never go unanswered, even on a bug
+                log.exception("unexpected error while taking a request")
+                error = RequestError(
+                    ErrorCode.INTERNAL_ERROR,
+                    f"internal error: {exc}",
+                    job_id=spec.id,
+                    reply_to=spec.reply_to,
+                )
+                self._refuse(error, message)
+            finally:
+                self.link.ack(message)
+
+    async def _accept(self, message: Inbound, spec: JobSpec) -> None:
+        """Journal a request as a job, or answer it from the journal if it was seen before."""
+        request_hash = _request_hash(message)
+        entry = await self.journal.get(spec.id)
+        if entry is not None and entry.request_hash == request_hash:
+            # The same request again (a QoS 1 redelivery, a client resend): never run it twice.
+            self.metrics.requests.labels(outcome="redelivered").inc()
+            if entry.status in (JobStatus.DONE, JobStatus.DELIVERED):
+                await self.runner.redeliver(entry)
             return
+        if entry is not None and entry.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            raise RequestError(
+                ErrorCode.DUPLICATE_ID,
+                f"another request with id {spec.id} is in progress",
+                job_id=spec.id,
+                reply_to=spec.reply_to,
+            )
+        expires_at = time.time() + message.expiry_s if message.expiry_s else None
+        await self.journal.add(spec, request_hash, expires_at)
+        self.runner.submit(Job(spec, expires_at=expires_at))
         self.metrics.requests.labels(outcome="accepted").inc()
 
     def _on_retained(self, message: Inbound) -> None:
@@ -178,7 +286,12 @@ class Agent:
         except RequestError as exc:
             self.outbox.error(None, exc.code, exc.message)
             return
-        if not self.runner.cancel(job_id):
+        task = asyncio.create_task(self._cancel(job_id), name=f"cancel-{job_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, job_id: str) -> None:
+        if not await self.runner.cancel(job_id):
             self.outbox.error(
                 None, ErrorCode.UNKNOWN_JOB, f"no queued or running job has the id {job_id}"
             )
@@ -206,6 +319,8 @@ class Agent:
     def current_state(self) -> str:
         """Return the state the contract names: loading, idle, generating or error."""
         status = self.worker.status
+        if self.guard.cooling:
+            return "cooling"
         if self.runner.current is not None and status is WorkerStatus.READY:
             return "generating"
         if status is WorkerStatus.ERROR:
@@ -219,7 +334,7 @@ class Agent:
         current = self.runner.current
         body: dict[str, Any] = {
             "state": self.current_state(),
-            "queue_depth": self.runner.depth,
+            "queue_depth": self.runner.depth + self._intake.qsize(),
             "job": current.spec.id if current is not None else None,
             "temperature_c": self._temperature_c,
             "throttled": self._throttled,
@@ -273,3 +388,11 @@ class Agent:
             "worker_pid": self.worker.pid if hasattr(self, "worker") else None,
         }
         return healthy, details
+
+
+def _request_hash(message: Inbound) -> str:
+    """Return a fingerprint of a request: a redelivery or a resend has the same one."""
+    digest = hashlib.sha256(message.payload)
+    digest.update(b"\0" + (message.response_topic or "").encode("utf-8", "replace"))
+    digest.update(b"\0" + (message.correlation_data or b""))
+    return str(digest.hexdigest())

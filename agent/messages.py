@@ -45,6 +45,7 @@ class ErrorCode(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     SHUTTING_DOWN = "shutting_down"
     RETAINED_REQUEST = "retained_request"
+    EXPIRED = "expired"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -45,6 +45,7 @@ class Inbound:
     mid: int
     response_topic: str | None
     correlation_data: bytes | None
+    expiry_s: int | None = None
 
 
 class MqttLink:
@@ -81,6 +82,12 @@ class MqttLink:
             protocol=paho.MQTTv5,
             manual_ack=True,
         )
+        if settings.mqtt_tls_ca is not None:
+            client.tls_set(
+                ca_certs=str(settings.mqtt_tls_ca),
+                certfile=str(settings.mqtt_tls_cert) if settings.mqtt_tls_cert else None,
+                keyfile=str(settings.mqtt_tls_key) if settings.mqtt_tls_key else None,
+            )
         if settings.mqtt_username is not None:
             client.username_pw_set(settings.mqtt_username, settings.password())
         client.will_set(topics.availability, "offline", qos=1, retain=True)
@@ -88,7 +95,9 @@ class MqttLink:
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
+        client.on_publish = self._paho_published
         self._client = client
+        self._unacknowledged: dict[int, asyncio.Future[None]] = {}
 
     def start(self) -> None:
         """Connect in the background; paho retries until the broker answers."""
@@ -105,6 +114,33 @@ class MqttLink:
         )
         self._client.loop_start()
 
+    @property
+    def packet_limit(self) -> int:
+        """Return the largest message this agent may publish: its setting or the broker's."""
+        limit = self._settings.max_message_bytes
+        return min(limit, self.max_packet_size) if self.max_packet_size else limit
+
+    def publish_confirmed(
+        self,
+        topic: str,
+        payload: str | bytes,
+        *,
+        correlation_data: bytes | None = None,
+    ) -> asyncio.Future[None]:
+        """Publish at QoS 1 and return a future the broker's acknowledgement resolves.
+
+        paho keeps the message across reconnects, so the future may resolve much later.
+
+        Raises:
+            MqttError: paho refused the message.
+        """
+        future: asyncio.Future[None] = self._loop.create_future()
+        mid = self.publish(topic, payload, correlation_data=correlation_data)
+        # The acknowledgement reaches the loop through call_soon_threadsafe, so it cannot run
+        # before this registration, which happens in the same loop callback as the publish.
+        self._unacknowledged[mid] = future
+        return future
+
     def publish(
         self,
         topic: str,
@@ -113,8 +149,11 @@ class MqttLink:
         retain: bool = False,
         qos: int = 1,
         correlation_data: bytes | None = None,
-    ) -> None:
+    ) -> int:
         """Queue a message; paho sends it now or after the next reconnect.
+
+        Returns:
+            The message id.
 
         Raises:
             MqttError: paho refused the message (too large, or the topic is invalid).
@@ -131,6 +170,7 @@ class MqttLink:
             raise MqttError(f"cannot publish to {topic!r}: {exc}") from exc
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"cannot publish to {topic!r}: {paho.error_string(info.rc)}")
+        return info.mid
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a message, so the broker will not deliver it again."""
@@ -195,8 +235,25 @@ class MqttLink:
             mid=message.mid,
             response_topic=getattr(properties, "ResponseTopic", None),
             correlation_data=getattr(properties, "CorrelationData", None),
+            expiry_s=getattr(properties, "MessageExpiryInterval", None),
         )
         self._loop.call_soon_threadsafe(self._on_message, inbound)
+
+    def _paho_published(
+        self,
+        client: paho.Client,
+        userdata: Any,  # noqa: ANN401 - paho's signature
+        mid: int,
+        reason_code: Any,  # noqa: ANN401
+        properties: Properties | None,
+    ) -> None:
+        del client, userdata, reason_code, properties
+        self._loop.call_soon_threadsafe(self._acknowledged, mid)
+
+    def _acknowledged(self, mid: int) -> None:
+        future = self._unacknowledged.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def _set_connected(self, connected: bool, max_packet_size: int | None) -> None:
         self.connected = connected

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TOO_LARGE_NOTE = "the image is too large for an MQTT message; fetch it from url"
+
 
 def _json(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"))
@@ -68,32 +70,13 @@ class Outbox:
         except MqttError:
             log.exception("publish failed")
 
-    def job_event(self, job_id: str, event: str, **fields: Any) -> None:  # noqa: ANN401
+    def url(self, spec: JobSpec) -> str:
+        """Return the URL a job's image is served at."""
+        return f"{self._base_url}/images/{file_name(spec.id, spec.format)}"
+
+    def job_event(self, job_id: str, event: str, **fields: Any) -> None:  # noqa: ANN401 - JSON values
         """Publish one event of a job on ``jobs/<id>``."""
         self._publish(self._topics.job(job_id), _json({"id": job_id, "event": event, **fields}))
-
-    def reply(
-        self,
-        job_id: str | None,
-        body: dict[str, Any],
-        reply_to: str | None,
-        correlation_data: bytes | None,
-    ) -> None:
-        """Publish a reply: on ``result/<id>``, on the client's reply topic, or on ``errors``.
-
-        Args:
-            job_id: The job's id, or None when none could be read.
-            body: The reply.
-            reply_to: The client's reply topic (already checked), if any.
-            correlation_data: MQTT 5 Correlation Data to echo on the reply topic.
-        """
-        payload = _json(body)
-        if job_id is not None:
-            self._publish(self._topics.result(job_id), payload)
-        else:
-            self._publish(self._topics.errors, payload)
-        if reply_to is not None:
-            self._publish(reply_to, payload, correlation_data=correlation_data)
 
     def error(
         self,
@@ -103,40 +86,49 @@ class Outbox:
         reply_to: str | None = None,
         correlation_data: bytes | None = None,
     ) -> None:
-        """Publish an error reply."""
-        self.reply(job_id, error_body(job_id, code, message), reply_to, correlation_data)
+        """Publish an error reply to a request that never became a job."""
+        payload = _json(error_body(job_id, code, message))
+        topic = self._topics.result(job_id) if job_id is not None else self._topics.errors
+        self._publish(topic, payload)
+        if reply_to is not None:
+            self._publish(reply_to, payload, correlation_data=correlation_data)
 
-    def job_error(self, spec: JobSpec, code: ErrorCode, message: str) -> None:
-        """Publish a job's failure: its ``failed``/``cancelled`` event, then the error reply."""
-        event = "cancelled" if code is ErrorCode.CANCELLED else "failed"
-        self.job_event(spec.id, event, error={"code": code.value, "message": message})
-        self.error(spec.id, code, message, spec.reply_to, spec.correlation_data)
+    def reply(self, spec: JobSpec, body: dict[str, Any]) -> asyncio.Future[None] | None:
+        """Publish a job's reply on ``result/<id>`` and the client's reply topic.
 
-    async def deliver(
+        Returns:
+            A future the broker's acknowledgement of the ``result/<id>`` message resolves, or
+            None when paho refused the message.
+        """
+        payload = _json(body)
+        if spec.reply_to is not None:
+            self._publish(spec.reply_to, payload, correlation_data=spec.correlation_data)
+        try:
+            return self._link.publish_confirmed(self._topics.result(spec.id), payload)
+        except MqttError:
+            log.exception("cannot publish the result of %s", spec.id)
+            return None
+
+    async def result(
         self, spec: JobSpec, finished: Finished, received: float, queue_wait: float
-    ) -> float:
-        """Store the image, publish the result and the latest image; return the job's latency.
+    ) -> tuple[dict[str, Any], str]:
+        """Store the image and build the job's result.
 
         Args:
             spec: The job.
             finished: The worker's image and timings.
             received: ``time.monotonic()`` when the request arrived.
             queue_wait: Seconds the job waited in the queue.
+
+        Returns:
+            The result body, and the image in base64.
         """
-        name = file_name(spec.id, spec.format)
-        url = f"{self._base_url}/images/{name}"
-        begun = time.monotonic()
-        await asyncio.to_thread(self._store.save, name, finished.data)
+        await asyncio.to_thread(self._store.save, file_name(spec.id, spec.format), finished.data)
         encoded = await asyncio.to_thread(lambda: base64.b64encode(finished.data).decode("ascii"))
         stages = finished.timings
         generation = stages["text_encoding"] + stages["denoising"] + stages["decoding"]
         latency = time.monotonic() - received
-        image: dict[str, Any] = {"format": spec.format}
-        if spec.output in ("b64", "both"):
-            image["b64"] = encoded
-        if spec.output in ("url", "both"):
-            image["url"] = url
-        body = {
+        body: dict[str, Any] = {
             "id": spec.id,
             "status": "ok",
             "prompt": spec.prompt,
@@ -157,12 +149,32 @@ class Outbox:
                 "encoding_s": round(stages["image_encoding"], 4),
                 "total_s": round(latency, 4),
             },
-            "image": image,
+            "image": self._image_field(spec, encoded),
         }
-        self.reply(spec.id, body, spec.reply_to, spec.correlation_data)
-        self.job_event(spec.id, "done", latency_s=round(latency, 4))
-        self._publish(self._topics.image, encoded, retain=True)
-        self._publish(self._topics.image_url, url, retain=True)
+        self._metrics.generation_seconds.observe(generation)
+        for stage in ("text_encoding", "denoising", "decoding", "image_encoding"):
+            self._metrics.stage_seconds.labels(stage=stage).observe(stages[stage])
+        self._metrics.job_seconds.observe(latency)
+        return body, encoded
+
+    def _image_field(self, spec: JobSpec, encoded: str | None) -> dict[str, Any]:
+        image: dict[str, Any] = {"format": spec.format}
+        wants_b64 = spec.output in ("b64", "both")
+        if wants_b64 and encoded is not None:
+            # JSON around the base64 adds well under 2 KiB; keep that much headroom.
+            if len(encoded) + 2048 <= self._link.packet_limit:
+                image["b64"] = encoded
+            else:
+                image["note"] = TOO_LARGE_NOTE
+        if spec.output in ("url", "both") or "note" in image or (wants_b64 and encoded is None):
+            image["url"] = self.url(spec)
+        return image
+
+    def latest(self, spec: JobSpec, body: dict[str, Any], encoded: str) -> None:
+        """Publish the retained latest-image topics."""
+        if len(encoded) <= self._link.packet_limit:
+            self._publish(self._topics.image, encoded, retain=True)
+        self._publish(self._topics.image_url, self.url(spec), retain=True)
         attributes = {
             "id": spec.id,
             "prompt": spec.prompt,
@@ -171,13 +183,32 @@ class Outbox:
             "height": spec.height,
             "steps": spec.steps,
             "format": spec.format,
-            "latency_s": round(latency, 4),
-            "url": url,
+            "latency_s": body["latency_s"],
+            "url": self.url(spec),
         }
         self._publish(self._topics.image_attributes, _json(attributes), retain=True)
-        self._metrics.generation_seconds.observe(generation)
-        for stage in ("text_encoding", "denoising", "decoding", "image_encoding"):
-            self._metrics.stage_seconds.labels(stage=stage).observe(stages[stage])
-        self._metrics.stage_seconds.labels(stage="publishing").observe(time.monotonic() - begun)
-        self._metrics.job_seconds.observe(latency)
-        return latency
+
+    @staticmethod
+    def stored(body: dict[str, Any]) -> dict[str, Any]:
+        """Return a reply as the journal keeps it: without the base64 (the file keeps that)."""
+        if "image" not in body:
+            return body
+        image = {key: value for key, value in body["image"].items() if key != "b64"}
+        return {**body, "image": image}
+
+    async def restored(self, spec: JobSpec, stored: dict[str, Any]) -> dict[str, Any]:
+        """Rebuild a stored reply, reading the base64 back from the image file if still there."""
+        if stored.get("status") != "ok" or spec.output == "url":
+            return stored
+        path = self._store.folder / file_name(spec.id, spec.format)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError:
+            encoded = None  # pruned by retention: the URL is all that is left
+        else:
+            encoded = base64.b64encode(data).decode("ascii")
+        return {**stored, "image": self._image_field(spec, encoded)}
+
+    def observe_publishing(self, seconds: float) -> None:
+        """Record the time spent storing and publishing a result."""
+        self._metrics.stage_seconds.labels(stage="publishing").observe(seconds)

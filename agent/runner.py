@@ -1,4 +1,4 @@
-"""The job runner: a bounded queue and one job at a time on the worker."""
+"""The job runner: a bounded queue and one job at a time on the worker, every step journaled."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from agent.messages import ErrorCode, RequestError
+from agent.journal import JobStatus
+from agent.messages import ErrorCode, error_body
 from agent.worker import Cancelled, Failed, Finished
 from agent.worker_link import WorkerDiedError, WorkerUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from agent.journal import Journal, JournalEntry
     from agent.messages import JobSpec
     from agent.metrics import AgentMetrics
     from agent.outbox import Outbox
+    from agent.thermal import ThermalGuard
     from agent.worker_link import WorkerLink
 
 log = logging.getLogger(__name__)
@@ -30,18 +33,23 @@ class Job:
 
     spec: JobSpec
     received: float = field(default_factory=time.monotonic)
+    expires_at: float | None = None
+    """Wall-clock time after which the job is not run (from MQTT 5 message expiry)."""
     cancel_requested: bool = False
 
 
 class Runner:
-    """Queues jobs (up to ``max_queue``) and runs them one at a time on the worker."""
+    """Runs queued jobs one at a time on the worker; the journal records each step."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the runner is where these parts meet
         self,
+        *,
         worker: WorkerLink,
         outbox: Outbox,
+        journal: Journal,
+        guard: ThermalGuard,
         metrics: AgentMetrics,
-        max_queue: int,
+        max_attempts: int,
         on_change: Callable[[], None],
     ) -> None:
         """Create the runner; :meth:`run` serves the queue.
@@ -49,19 +57,23 @@ class Runner:
         Args:
             worker: The worker link.
             outbox: Where events and results go.
+            journal: Where each job's progress is recorded.
+            guard: Holds jobs back while the SoC is too hot.
             metrics: Queue and job metrics.
-            max_queue: Most jobs waiting; one more is refused as busy.
+            max_attempts: Runs of a job whose worker died before the job fails.
             on_change: Called when the queue or the running job changes.
         """
         self._worker = worker
         self._outbox = outbox
+        self._journal = journal
+        self._guard = guard
         self._metrics = metrics
-        self._max_queue = max_queue
+        self._max_attempts = max_attempts
         self._on_change = on_change
         self._queue: deque[Job] = deque()
         self._wakeup = asyncio.Event()
         self._finished = asyncio.Event()
-        self._accepting = True
+        self._confirmations: set[asyncio.Task[None]] = set()
         self.current: Job | None = None
         self.last_latency_s: float | None = None
 
@@ -70,33 +82,42 @@ class Runner:
         """Return how many jobs wait (the running one excluded)."""
         return len(self._queue)
 
-    def knows(self, job_id: str) -> bool:
-        """Return whether a job with this id is queued or running."""
-        running = self.current is not None and self.current.spec.id == job_id
-        return running or any(job.spec.id == job_id for job in self._queue)
+    def submit(self, job: Job, *, first: bool = False) -> None:
+        """Queue a job (already journaled) and announce its place.
 
-    def submit(self, spec: JobSpec) -> int:
-        """Queue a job and announce it; return its place in the queue (1 runs next).
-
-        Raises:
-            RequestError: The agent is shutting down, the id is in use, or the queue is full.
+        Args:
+            job: The job.
+            first: Put it at the head of the queue (a retry after a worker crash).
         """
-        if not self._accepting:
-            raise RequestError(ErrorCode.SHUTTING_DOWN, "the agent is shutting down")
-        if self.knows(spec.id):
-            raise RequestError(ErrorCode.DUPLICATE_ID, f"a job with id {spec.id} is in progress")
-        if len(self._queue) >= self._max_queue:
-            raise RequestError(
-                ErrorCode.BUSY, f"the queue is full ({self._max_queue} jobs); try again later"
-            )
-        self._queue.append(Job(spec))
-        position = len(self._queue)
-        self._outbox.job_event(spec.id, "queued", position=position)
+        if first:
+            self._queue.appendleft(job)
+        else:
+            self._queue.append(job)
+        self._outbox.job_event(job.spec.id, "queued", position=self._queue.index(job) + 1)
         self._changed()
         self._wakeup.set()
-        return position
 
-    def cancel(self, job_id: str) -> bool:
+    async def resume(self, entry: JournalEntry) -> None:
+        """Take back a job the journal had queued or running when the agent stopped."""
+        job = Job(entry.spec, expires_at=entry.expires_at)
+        if entry.status is JobStatus.RUNNING and entry.attempts >= self._max_attempts:
+            await self._fail(
+                job,
+                ErrorCode.WORKER_CRASHED,
+                f"the agent stopped during this job {entry.attempts} times; not trying again",
+            )
+            return
+        log.info("resuming job %s (%s before the restart)", entry.spec.id, entry.status.value)
+        self.submit(job)
+
+    async def redeliver(self, entry: JournalEntry) -> None:
+        """Publish a stored reply again (done, but the broker had not acknowledged it)."""
+        if entry.reply is None:
+            return
+        body = await self._outbox.restored(entry.spec, entry.reply)
+        self._confirm(entry.spec, self._outbox.reply(entry.spec, body))
+
+    async def cancel(self, job_id: str) -> bool:
         """Cancel a queued job now, or the running one at its next step.
 
         Returns:
@@ -109,8 +130,8 @@ class Runner:
         for job in self._queue:
             if job.spec.id == job_id:
                 self._queue.remove(job)
-                self._finish_error(job, ErrorCode.CANCELLED, "cancelled before it started")
                 self._changed()
+                await self._fail(job, ErrorCode.CANCELLED, "cancelled before it started")
                 return True
         return False
 
@@ -120,16 +141,13 @@ class Runner:
             self._finished.clear()
             await self._finished.wait()
 
-    def stop_accepting(self) -> None:
-        """Refuse new jobs from now on (shutdown)."""
-        self._accepting = False
-
     async def run(self) -> None:
         """Serve the queue forever (cancel the task to stop)."""
         while True:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self._guard.wait_until_cool()
             job = self._queue.popleft()
             self.current = job
             self._changed()
@@ -145,12 +163,16 @@ class Runner:
         try:
             loaded = await self._worker.wait_ready()
         except WorkerUnavailableError as exc:
-            self._finish_error(job, ErrorCode.MODEL_UNAVAILABLE, f"the model is not loaded: {exc}")
+            await self._fail(job, ErrorCode.MODEL_UNAVAILABLE, f"the model is not loaded: {exc}")
             return
         self._outbox.model = loaded.model
         if job.cancel_requested:
-            self._finish_error(job, ErrorCode.CANCELLED, "cancelled before it started")
+            await self._fail(job, ErrorCode.CANCELLED, "cancelled before it started")
             return
+        if job.expires_at is not None and time.time() > job.expires_at:
+            await self._fail(job, ErrorCode.EXPIRED, "the request expired before it could run")
+            return
+        attempt = await self._journal.start(spec.id)
         queue_wait = time.monotonic() - job.received
         self._metrics.queue_wait_seconds.observe(queue_wait)
         self._metrics.stage_seconds.labels(stage="queue_wait").observe(queue_wait)
@@ -162,23 +184,55 @@ class Runner:
         try:
             outcome = await self._worker.run(spec.worker_fields(), progress)
         except WorkerDiedError as exc:
-            self._finish_error(job, ErrorCode.WORKER_CRASHED, str(exc))
+            if attempt < self._max_attempts:
+                log.warning(
+                    "worker died during %s (attempt %d); running it again", spec.id, attempt
+                )
+                await self._journal.requeue(spec.id, refund=False)
+                self.submit(job, first=True)
+            else:
+                await self._fail(job, ErrorCode.WORKER_CRASHED, f"{exc}, {attempt} times")
             return
         if isinstance(outcome, Finished):
-            self.last_latency_s = await self._outbox.deliver(
-                spec, outcome, job.received, queue_wait
-            )
-            self._metrics.jobs.labels(status="done").inc()
+            await self._succeed(job, outcome, queue_wait)
         elif isinstance(outcome, Cancelled):
-            self._finish_error(job, ErrorCode.CANCELLED, "cancelled while it ran")
+            await self._fail(job, ErrorCode.CANCELLED, "cancelled while it ran")
         elif isinstance(outcome, Failed):
-            self._finish_error(job, ErrorCode.GENERATION_FAILED, outcome.message)
+            await self._fail(job, ErrorCode.GENERATION_FAILED, outcome.message)
 
-    def _finish_error(self, job: Job, code: ErrorCode, message: str) -> None:
+    async def _succeed(self, job: Job, finished: Finished, queue_wait: float) -> None:
+        spec = job.spec
+        begun = time.monotonic()
+        body, encoded = await self._outbox.result(spec, finished, job.received, queue_wait)
+        await self._journal.finish(spec.id, self._outbox.stored(body))
+        self._confirm(spec, self._outbox.reply(spec, body))
+        self._outbox.job_event(spec.id, "done", latency_s=body["latency_s"])
+        self._outbox.latest(spec, body, encoded)
+        self._outbox.observe_publishing(time.monotonic() - begun)
+        self._metrics.jobs.labels(status="done").inc()
+        self.last_latency_s = body["latency_s"]
+
+    async def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         status = "cancelled" if code is ErrorCode.CANCELLED else "failed"
         self._metrics.jobs.labels(status=status).inc()
         log.info("job %s %s: %s", job.spec.id, status, message)
-        self._outbox.job_error(job.spec, code, message)
+        body: dict[str, Any] = error_body(job.spec.id, code, message)
+        await self._journal.finish(job.spec.id, body)
+        self._outbox.job_event(job.spec.id, status, error=body["error"])
+        self._confirm(job.spec, self._outbox.reply(job.spec, body))
+
+    def _confirm(self, spec: JobSpec, acknowledged: asyncio.Future[None] | None) -> None:
+        """Mark the job delivered in the journal once the broker acknowledges its reply."""
+        if acknowledged is None:
+            return
+
+        async def confirm() -> None:
+            await acknowledged
+            await self._journal.delivered(spec.id)
+
+        task = asyncio.create_task(confirm(), name=f"confirm-{spec.id}")
+        self._confirmations.add(task)
+        task.add_done_callback(self._confirmations.discard)
 
     def _changed(self) -> None:
         self._metrics.queue_depth.set(len(self._queue))

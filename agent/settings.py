@@ -81,6 +81,19 @@ class Settings(BaseSettings):
     mqtt_reconnect_max_s: int = Field(
         default=30, ge=1, le=600, description="Longest wait between reconnect attempts."
     )
+    mqtt_tls_ca: Path | None = Field(
+        default=None, description="CA certificate file; setting it turns TLS on."
+    )
+    mqtt_tls_cert: Path | None = Field(
+        default=None, description="Client certificate file, for brokers that require one."
+    )
+    mqtt_tls_key: Path | None = Field(default=None, description="Client certificate's key file.")
+    max_message_bytes: int = Field(
+        default=8_000_000,
+        ge=10_000,
+        description="Largest message the agent publishes; a larger result carries the image "
+        "URL instead of base64 (the broker's own limit, from CONNACK, applies too).",
+    )
 
     # --- model and worker
     model: str = Field(
@@ -95,6 +108,21 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         default=0, ge=0, le=256, description="CPU threads for torch; 0 uses every core."
+    )
+    max_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description="Runs of a job whose worker died under it before the job fails.",
+    )
+    journal_keep_s: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="How long delivered jobs stay in the journal (a resent id gets the stored "
+        "result meanwhile).",
+    )
+    journal_keep_rows: int = Field(
+        default=10000, ge=10, description="Delivered jobs kept in the journal at most."
     )
     worker_restart_delay_s: float = Field(
         default=2.0, ge=0, le=600, description="Wait before restarting a worker that died."
@@ -147,6 +175,15 @@ class Settings(BaseSettings):
     vcgencmd: str = Field(
         default="vcgencmd", description="The vcgencmd command, for throttling flags."
     )
+    pause_c: float = Field(
+        default=80.0, description="At or above this SoC temperature no new job starts."
+    )
+    resume_c: float = Field(
+        default=70.0, description="Below this temperature, jobs start again after a pause."
+    )
+    thermal_poll_s: float = Field(
+        default=5.0, gt=0, description="How often the temperature is read while cooling."
+    )
     state_interval_s: float = Field(
         default=30.0, gt=0, description="How often the retained state is refreshed."
     )
@@ -170,6 +207,10 @@ class Settings(BaseSettings):
             raise ValueError("default_height is outside min_size..max_size")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps is larger than max_steps")
+        if self.resume_c >= self.pause_c:
+            raise ValueError("resume_c must be below pause_c")
+        if (self.mqtt_tls_cert is None) != (self.mqtt_tls_key is None):
+            raise ValueError("set both mqtt_tls_cert and mqtt_tls_key, or neither")
         if self.mqtt_password is not None and self.mqtt_password_file is not None:
             raise ValueError("set mqtt_password or mqtt_password_file, not both")
         return self
@@ -197,6 +238,11 @@ class Settings(BaseSettings):
     def client_id(self) -> str:
         """Return the MQTT client id."""
         return self.mqtt_client_id or f"edgeai-{self.node_id}"
+
+    @property
+    def journal_path(self) -> Path:
+        """Return the SQLite journal's path."""
+        return self.state_dir / "journal.sqlite3"
 
     @property
     def images_path(self) -> Path:

@@ -267,16 +267,26 @@ def test_retained_requests_are_refused_not_run(shared_agent, client):
     assert client.messages(f"{base}/jobs/retained-job") == []
 
 
-def test_an_id_in_progress_is_not_run_twice(shared_agent, client):
+def test_an_id_is_never_run_twice(shared_agent, client):
     base = shared_agent.base
     client.subscribe(f"{base}/result/twice", f"{base}/jobs/twice")
     request = json.dumps({"prompt": "x", "id": "twice", "steps": 30})
     client.publish(f"{base}/generate", request)
-    client.publish(f"{base}/generate", request)
-    first = client.wait_for(f"{base}/result/twice").json()
-    second = client.wait_for(f"{base}/result/twice", lambda m: m.json() != first).json()
-    assert {first["status"], second["status"]} == {"ok", "error"}
-    refusal = first if first["status"] == "error" else second
-    assert refusal["error"]["code"] == "duplicate_id"
+    client.publish(f"{base}/generate", request)  # a resend while it runs: answered once
+    client.publish(f"{base}/generate", json.dumps({"prompt": "y", "id": "twice"}))
+    refusal = client.wait_for(f"{base}/result/twice").json()
+    assert refusal["error"]["code"] == "duplicate_id"  # another request under a busy id
+    first = client.wait_for(f"{base}/result/twice", lambda m: m.json()["status"] == "ok").json()
     queued = [m for m in client.messages(f"{base}/jobs/twice") if m.json()["event"] == "queued"]
     assert len(queued) == 1
+    # Sent again after it finished, the same request gets the stored result, not a new image.
+    client.publish(f"{base}/generate", request)
+    deadline = time.monotonic() + 30
+    while len(results := [m.json() for m in client.messages(f"{base}/result/twice")]) < 3:
+        assert time.monotonic() < deadline, "the stored result was not sent again"
+        time.sleep(0.05)
+    assert results[2] == first
+    assert (
+        len([m for m in client.messages(f"{base}/jobs/twice") if m.json()["event"] == "queued"])
+        == 1
+    )

@@ -19,28 +19,46 @@ def worker_pid(agent) -> int:
     return pid
 
 
-def test_worker_killed_during_a_job_fails_it_and_comes_back(broker, make_agent):
+def kill_worker_at_step(agent, client, job_id: str, run: int) -> int:
+    """Kill the worker once the job's ``run``-th run reports its first step; return its pid."""
+
+    def first_step_of_run(message):
+        starts = [m for m in client.messages(message.topic) if m.json().get("step") == 1]
+        return message.json().get("step") == 1 and len(starts) >= run
+
+    client.wait_for(f"{agent.base}/jobs/{job_id}", first_step_of_run)
+    pid = worker_pid(agent)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_worker_killed_during_a_job_runs_it_again_then_fails_it(broker, make_agent):
     agent = make_agent(broker, EDGEAI_MAX_STEPS="50")
     client = broker.client()
     base = agent.base
-    client.subscribe(f"{base}/jobs/doomed", f"{base}/result/doomed", f"{base}/state")
+    client.subscribe(f"{base}/jobs/+", f"{base}/result/+", f"{base}/state")
+    # Killed once: the job runs again on the new worker and succeeds.
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "survivor", "steps": 50}))
+    first_pid = kill_worker_at_step(agent, client, "survivor", run=1)
+    client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "loading")
+    assert client.wait_for(f"{base}/result/survivor").json()["status"] == "ok"
+    assert worker_pid(agent) != first_pid
+    queued = [
+        m.json() for m in client.messages(f"{base}/jobs/survivor") if m.json()["event"] == "queued"
+    ]
+    assert len(queued) == 2
+    # Killed twice: the job fails with a clear error and the agent goes on.
     client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "doomed", "steps": 50}))
-    client.wait_for(f"{base}/jobs/doomed", lambda m: m.json().get("step") == 1)
-    old_pid = worker_pid(agent)
-    os.kill(old_pid, signal.SIGKILL)
+    kill_worker_at_step(agent, client, "doomed", run=1)
+    kill_worker_at_step(agent, client, "doomed", run=2)
     result = client.wait_for(f"{base}/result/doomed").json()
     assert result["status"] == "error"
     assert result["error"]["code"] == "worker_crashed"
     assert "died" in result["error"]["message"]
-    client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "loading")
-    client.wait_for(
-        f"{base}/state",
-        lambda m: m.json()["state"] == "idle" and m.json()["last_latency_s"] is None,
-    )
+    assert "2 times" in result["error"]["message"]
     assert generate(client, agent)["status"] == "ok"
-    assert worker_pid(agent) != old_pid
     metrics = agent.metrics()
-    assert "edgeai_worker_restarts_total 1.0" in metrics
+    assert "edgeai_worker_restarts_total 3.0" in metrics
     assert 'edgeai_jobs_total{status="failed"} 1.0' in metrics
     assert agent.process.poll() is None
     client.close()
