@@ -59,6 +59,7 @@ class Agent:
         # Accepted requests wait here, in order, for their journal row; counted as queued.
         self._intake: asyncio.Queue[tuple[Inbound, JobSpec]] = asyncio.Queue()
         self._accepting = True
+        self._taking = 0  # requests taken in but not yet in the runner's queue
         self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle
@@ -173,7 +174,7 @@ class Agent:
                 interrupted.spec.id,
             )
             await self.journal.requeue(interrupted.spec.id, refund=True)
-        await self.worker.stop()
+        await self.worker.stop(at_once=interrupted is not None)
         await self.link.stop()
         await asyncio.to_thread(self.http.stop)
         self.journal.close()
@@ -205,6 +206,7 @@ class Agent:
             self.link.ack(message)
             return
         self._intake.put_nowait((message, spec))
+        self._taking += 1
 
     def _check_room(self, spec: JobSpec) -> None:
         if not self._accepting:
@@ -214,7 +216,7 @@ class Agent:
                 job_id=spec.id,
                 reply_to=spec.reply_to,
             )
-        if self.runner.depth + self._intake.qsize() >= self.settings.max_queue:
+        if self.runner.depth + self._taking >= self.settings.max_queue:
             raise RequestError(
                 ErrorCode.BUSY,
                 f"the queue is full ({self.settings.max_queue} jobs); try again later",
@@ -240,6 +242,7 @@ class Agent:
                 )
                 self._refuse(error, message)
             finally:
+                self._taking -= 1
                 self.link.ack(message)
 
     async def _accept(self, message: Inbound, spec: JobSpec) -> None:
@@ -334,7 +337,7 @@ class Agent:
         current = self.runner.current
         body: dict[str, Any] = {
             "state": self.current_state(),
-            "queue_depth": self.runner.depth + self._intake.qsize(),
+            "queue_depth": self.runner.depth + self._taking,
             "job": current.spec.id if current is not None else None,
             "temperature_c": self._temperature_c,
             "throttled": self._throttled,

@@ -7,7 +7,10 @@ module imports torch only inside :func:`worker_main`, so the daemon can import t
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         cancel: Set by the daemon to stop the running job.
         config: What to load and how to encode.
     """
+    _die_with_parent()
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s"
     )
@@ -140,6 +146,21 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         except Exception as exc:
             log.exception("job %s failed", job_id)
             connection.send(Failed(job_id, f"{type(exc).__name__}: {exc}"))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the daemon dies, even by ``kill -9``.
+
+    Otherwise an orphaned worker would finish its image, holding the model's memory, while the
+    restarted daemon loads a second copy.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.debug("prctl is not available; the worker outlives a killed daemon")
+    if os.getppid() == 1:  # the daemon died before prctl took effect
+        os._exit(1)
 
 
 def _send_progress(connection: Connection, job_id: str, step: int, steps: int) -> None:

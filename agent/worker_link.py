@@ -172,14 +172,20 @@ class WorkerLink:
         if self._process is not None and self._process.is_alive():
             self._process.kill()
 
-    async def stop(self) -> None:
-        """Stop the worker: ask it to exit, then kill it if it does not."""
+    async def stop(self, *, at_once: bool = False) -> None:
+        """Stop the worker: ask it to exit, then kill it if it does not.
+
+        Args:
+            at_once: Kill it without asking (it is in the middle of a job nobody waits for).
+        """
         self._set_status(WorkerStatus.STOPPED)
         if self._restart is not None:
             self._restart.cancel()
         process, connection = self._process, self._connection
         if process is None or connection is None:
             return
+        if at_once:
+            process.kill()
         with contextlib.suppress(OSError, ValueError):
             connection.send(None)
         await asyncio.to_thread(process.join, STOP_TIMEOUT_S)

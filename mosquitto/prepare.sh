@@ -5,6 +5,8 @@
 #   - STATE_DIR/mosquitto/mosquitto.conf, this folder's policy with the paths filled in.
 # Usage: mosquitto/prepare.sh STATE_DIR [PORT] [BIND_ADDRESS]
 # Then:  mosquitto -c STATE_DIR/mosquitto/mosquitto.conf
+# A TLS listener is added when BROKER_TLS_PORT is set, with BROKER_TLS_CA, BROKER_TLS_CERT and
+# BROKER_TLS_KEY naming the CA, the server certificate and its key (PEM files).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,4 +37,12 @@ sed -e "s|@STATE_DIR@|$state|g" \
     -e "s|@BIND@|$bind|g" \
     -e "s|@USER@|$(id -un)|g" \
     "$here/mosquitto.conf" > "$state/mosquitto/mosquitto.conf"
+if [ -n "${BROKER_TLS_PORT:-}" ]; then
+  sed -e "s|@TLS_PORT@|$BROKER_TLS_PORT|g" \
+      -e "s|@BIND@|$bind|g" \
+      -e "s|@TLS_CA@|${BROKER_TLS_CA:?BROKER_TLS_CA is needed with BROKER_TLS_PORT}|g" \
+      -e "s|@TLS_CERT@|${BROKER_TLS_CERT:?BROKER_TLS_CERT is needed with BROKER_TLS_PORT}|g" \
+      -e "s|@TLS_KEY@|${BROKER_TLS_KEY:?BROKER_TLS_KEY is needed with BROKER_TLS_PORT}|g" \
+      "$here/tls.conf" >> "$state/mosquitto/mosquitto.conf"
+fi
 echo "$state/mosquitto/mosquitto.conf"

@@ -54,18 +54,20 @@ class Broker:
     state_dir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    extra_config: str = ""
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        prepare = ROOT / "mosquitto" / "prepare.sh"
         subprocess.run(
-            [
-                str(ROOT / "mosquitto" / "prepare.sh"),
-                str(self.state_dir),
-                str(self.port),
-                "127.0.0.1",
-            ],
+            [str(prepare), str(self.state_dir), str(self.port), "127.0.0.1"],
             check=True,
             capture_output=True,
+            env={**os.environ, **self.env},
         )
+        if self.extra_config:
+            with self.config.open("a") as config:
+                config.write("\n" + self.extra_config + "\n")
 
     @property
     def config(self) -> Path:
@@ -95,8 +97,8 @@ class Broker:
         return TestClient(self.port, user, self.password(user), **kwargs)
 
 
-def start_broker(state_dir: Path) -> Broker:
-    broker = Broker(state_dir)
+def start_broker(state_dir: Path, **options) -> Broker:
+    broker = Broker(state_dir, **options)
     broker.start()
     return broker
 
@@ -205,6 +207,13 @@ class AgentProcess:
         status, _, body = self.http_get("/metrics")
         assert status == 200
         return body.decode()
+
+    def wait_metric(self, line: str, timeout: float = 20.0) -> None:
+        """Wait until a line appears in /metrics (values change a moment after events)."""
+        deadline = time.monotonic() + timeout
+        while line not in self.metrics():
+            assert time.monotonic() < deadline, f"{line!r} never appeared in /metrics"
+            time.sleep(0.1)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -39,7 +39,9 @@ class TestClient:
         *,
         protocol: int = paho.MQTTv5,
         client_id: str | None = None,
+        persistent: bool = False,
     ) -> None:
+        """Connect; ``persistent`` keeps the session (and queued messages) across reconnects."""
         self._messages: queue.Queue[Received] = queue.Queue()
         self.seen: list[Received] = []
         self._lock = threading.Lock()
@@ -53,8 +55,14 @@ class TestClient:
         self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda *args: self._connected.set()
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.connect("127.0.0.1", port)
+        if persistent:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 3600
+            self.client.connect("127.0.0.1", port, clean_start=False, properties=properties)
+        else:
+            self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         assert self._connected.wait(10), "test client could not connect"
 
@@ -84,13 +92,17 @@ class TestClient:
         retain: bool = False,
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
+        expiry_s: int | None = None,
     ) -> None:
         properties = None
-        if response_topic is not None:
+        if response_topic is not None or expiry_s is not None:
             properties = Properties(PacketTypes.PUBLISH)
+        if response_topic is not None:
             properties.ResponseTopic = response_topic
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
+        if expiry_s is not None:
+            properties.MessageExpiryInterval = expiry_s
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
         info.wait_for_publish(10)
 

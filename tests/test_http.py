@@ -50,10 +50,7 @@ def test_metrics_pass_promtool_and_count_jobs(shared_agent, client):
     assert "edgeai_mqtt_connected 1.0" in text
     assert re.search(r"^edgeai_model_load_seconds [0-9.]+$", text, re.MULTILINE)
     assert 'edgeai_model_info{device="cpu",dtype="float32"' in text
-    deadline = time.monotonic() + 10
-    while 'edgeai_state{edgeai_state="idle"} 1.0' not in shared_agent.metrics():
-        assert time.monotonic() < deadline, "the state metric never went back to idle"
-        time.sleep(0.1)
+    shared_agent.wait_metric('edgeai_state{edgeai_state="idle"} 1.0')
     assert 'le="600.0"' in text  # latency buckets reach ten minutes
 
 

@@ -130,7 +130,8 @@ def test_a_full_queue_answers_busy(broker, make_agent):
     client = broker.client()
     base = agent.base
     client.subscribe(f"{base}/jobs/+", f"{base}/result/+")
-    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "first", "steps": 50}))
+    blocker = {"prompt": "x", "id": "first", "steps": 10, "width": 1024, "height": 1024}
+    client.publish(f"{base}/generate", json.dumps(blocker))
     client.wait_for(f"{base}/jobs/first", lambda m: m.json().get("step") == 1)
     client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "second"}))
     client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "third"}))
