@@ -1,0 +1,270 @@
+"""Fault run: jobs keep arriving while the worker, the agent and the broker are killed at random
+moments, and a flood of malformed messages lands during generations.
+
+It prints jobs sent, results received, duplicates, lost jobs, and the generation time under the
+flood divided by a quiet run. ``tests/test_faults.py`` runs a short version in CI; the long one is
+run by hand:
+
+    .venv/bin/python -m tests.faults --jobs 60 --faults 12 --flood 1000
+
+A duplicate is a job whose result was produced twice (two different result messages for one id).
+The broker may also hand the watcher the very same result message twice after it was killed (MQTT
+QoS 1 is at-least-once between broker and subscriber); those are counted apart, as
+``redelivered_copies``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import AgentProcess, start_broker
+from tests.tiny_pipeline import build_tiny_pipeline
+
+FLOOD_JOB = {"prompt": "a lighthouse", "width": 1024, "height": 1024, "steps": 4, "seed": 1}
+MALFORMED = [
+    b"\xff\xfe\x00",
+    b"{",
+    b'{"prompt": NaN}',
+    b'{"prompt": "x", "width": 13}',
+    b'{"prompt": ""}',
+    b'{"prompt": "x", "unknown": 1}',
+    b"[" * 3000,
+    b'{"prompt": "x", "reply_to": "$SYS/#"}',
+    b"x" * 20000,
+]
+
+
+@dataclass
+class Report:
+    """What a fault run found."""
+
+    jobs_sent: int
+    results_received: int
+    ok: int
+    failed: int
+    duplicates: int
+    redelivered_copies: int
+    lost: int
+    faults: dict[str, int]
+    malformed_sent: int
+    quiet_generation_s: float
+    flood_generation_s: float
+
+    @property
+    def flood_ratio(self) -> float:
+        """Return generation time under the flood divided by the quiet run."""
+        return self.flood_generation_s / self.quiet_generation_s
+
+    def as_dict(self) -> dict[str, object]:
+        """Return the report as JSON-ready data."""
+        return {**vars(self), "flood_ratio": round(self.flood_ratio, 3)}
+
+
+class FaultRun:
+    """A broker and an agent to hurt, and a watcher that records every result."""
+
+    def __init__(self, root: Path, model: Path, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.broker = start_broker(root / "broker")
+        self.agent = AgentProcess(
+            self.broker,
+            model,
+            root / "agent",
+            {
+                "EDGEAI_MAX_QUEUE": "1000",
+                "EDGEAI_MQTT_RECONNECT_MAX_S": "1",
+                "EDGEAI_MAX_ATTEMPTS": "3",
+                "EDGEAI_SHUTDOWN_GRACE_S": "0",
+            },
+        )
+        self.agent.start()
+        self.watcher = self.broker.client(persistent=True, client_id="fault-watcher")
+        self.sender = self.broker.client(persistent=True, client_id="fault-sender")
+        self.watcher.subscribe(f"{self.agent.base}/result/+")
+        self.faults: dict[str, int] = defaultdict(int)
+        self.malformed_sent = 0
+
+    def generate_topic(self) -> str:
+        return f"{self.agent.base}/generate"
+
+    def send(self, job_id: str, **fields: object) -> None:
+        self.sender.publish(
+            self.generate_topic(), json.dumps({"prompt": "a red apple", "id": job_id, **fields})
+        )
+
+    def results(self) -> dict[str, list[bytes]]:
+        found: dict[str, list[bytes]] = defaultdict(list)
+        prefix = f"{self.agent.base}/result/"
+        for message in list(self.watcher.seen):
+            if message.topic.startswith(prefix):
+                found[message.topic.removeprefix(prefix)].append(message.payload)
+        return found
+
+    def wait_results(self, ids: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(job_id in self.results() for job_id in ids):
+                return
+            time.sleep(0.2)
+
+    # --- faults
+    def kill_worker(self) -> None:
+        _, _, body = self.agent.http_get("/healthz")
+        pid = json.loads(body).get("worker_pid")
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                self.faults["worker"] += 1
+            except ProcessLookupError:
+                pass
+
+    def kill_agent(self) -> None:
+        self.agent.signal(signal.SIGKILL)
+        self.agent.process.wait()
+        self.faults["agent"] += 1
+        time.sleep(self.random.uniform(0.1, 1.0))
+        self.agent.start(wait=False)
+
+    def kill_broker(self) -> None:
+        self.broker.kill()
+        self.faults["broker"] += 1
+        time.sleep(self.random.uniform(0.1, 1.0))
+        self.broker.start()
+
+    def flood(self, count: int) -> None:
+        for index in range(count):
+            self.sender.client.publish(
+                self.generate_topic(), MALFORMED[index % len(MALFORMED)], qos=index % 2
+            )
+        self.malformed_sent += count
+
+    # --- phases
+    def measure_generation(self, label: str, runs: int, flood: int) -> float:
+        """Median generation time of identical jobs, with ``flood`` malformed messages each."""
+        times = []
+        for index in range(runs):
+            job_id = f"{label}-{index}"
+            self.watcher.subscribe(f"{self.agent.base}/jobs/{job_id}")
+            self.send(job_id, **FLOOD_JOB)
+            if flood:
+                self.watcher.wait_for(
+                    f"{self.agent.base}/jobs/{job_id}",
+                    lambda m: m.json()["event"] == "running",
+                    timeout=120,
+                )
+                self.flood(flood)
+            result = self.watcher.wait_for(f"{self.agent.base}/result/{job_id}", timeout=300).json()
+            times.append(result["timings"]["generation_s"])
+        return statistics.median(times)
+
+    def chaos(self, jobs: int, faults: int) -> list[str]:
+        ids = [f"job-{index}" for index in range(jobs)]
+        stop = threading.Event()
+
+        def send_all() -> None:
+            for job_id in ids:
+                self.send(job_id, steps=self.random.choice([1, 2, 4]))
+                time.sleep(self.random.uniform(0.0, 0.3))
+            stop.set()
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        kinds = [self.kill_worker, self.kill_agent, self.kill_broker]
+        for index in range(faults):
+            time.sleep(self.random.uniform(0.3, 2.0))
+            kinds[index % len(kinds)]()
+        sender.join()
+        return ids
+
+    def close(self) -> None:
+        self.watcher.close()
+        self.sender.close()
+        self.agent.stop()
+        self.broker.stop()
+
+
+def run(jobs: int, faults: int, flood: int, flood_runs: int, seed: int, timeout: float) -> Report:
+    """Run the whole fault scenario and return its report."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        model = build_tiny_pipeline(root / "model")
+        run = FaultRun(root, model, seed)
+        try:
+            run.measure_generation("warmup", 1, 0)
+            quiet = run.measure_generation("quiet", flood_runs, 0)
+            flooded = run.measure_generation("flood", flood_runs, flood)
+            ids = run.chaos(jobs, faults)
+            run.wait_results(ids, timeout)
+            results = run.results()
+        finally:
+            run.close()
+    received = {job_id: results.get(job_id, []) for job_id in ids}
+    statuses = [json.loads(payloads[0])["status"] for payloads in received.values() if payloads]
+    return Report(
+        jobs_sent=jobs,
+        results_received=sum(1 for payloads in received.values() if payloads),
+        ok=statuses.count("ok"),
+        failed=statuses.count("error"),
+        duplicates=sum(1 for payloads in received.values() if len(set(payloads)) > 1),
+        redelivered_copies=sum(
+            len(payloads) - len(set(payloads)) for payloads in received.values()
+        ),
+        lost=sum(1 for payloads in received.values() if not payloads),
+        faults=dict(run.faults),
+        malformed_sent=run.malformed_sent,
+        quiet_generation_s=round(quiet, 4),
+        flood_generation_s=round(flooded, 4),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument(
+        "--faults", type=int, default=12, help="kills, taking turns: worker, agent, broker"
+    )
+    parser.add_argument(
+        "--flood", type=int, default=1000, help="malformed messages per flooded generation"
+    )
+    parser.add_argument("--flood-runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300)
+    arguments = parser.parse_args()
+    report = run(
+        arguments.jobs,
+        arguments.faults,
+        arguments.flood,
+        arguments.flood_runs,
+        arguments.seed,
+        arguments.timeout,
+    )
+    print(f"jobs sent:          {report.jobs_sent}")
+    print(f"results received:   {report.results_received} ({report.ok} ok, {report.failed} failed)")
+    print(f"duplicates:         {report.duplicates}")
+    print(f"redelivered copies: {report.redelivered_copies}")
+    print(f"lost:               {report.lost}")
+    print(f"faults:             {report.faults}")
+    print(f"malformed sent:     {report.malformed_sent}")
+    print(
+        f"flood ratio:        {report.flood_ratio:.3f} (generation {report.flood_generation_s} s under flood / {report.quiet_generation_s} s quiet)"
+    )
+    print(json.dumps(report.as_dict()))
+    sys.exit(0 if report.lost == 0 and report.duplicates == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
