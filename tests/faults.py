@@ -195,7 +195,9 @@ class FaultRun:
         self.broker.stop()
 
 
-def run(jobs: int, faults: int, flood: int, flood_runs: int, seed: int, timeout: float) -> Report:
+def run(
+    *, jobs: int, faults: int, flood: int, flood_runs: int, seed: int, timeout: float
+) -> Report:
     """Run the whole fault scenario and return its report."""
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -245,12 +247,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     arguments = parser.parse_args()
     report = run(
-        arguments.jobs,
-        arguments.faults,
-        arguments.flood,
-        arguments.flood_runs,
-        arguments.seed,
-        arguments.timeout,
+        jobs=arguments.jobs,
+        faults=arguments.faults,
+        flood=arguments.flood,
+        flood_runs=arguments.flood_runs,
+        seed=arguments.seed,
+        timeout=arguments.timeout,
     )
     print(f"jobs sent:          {report.jobs_sent}")
     print(f"results received:   {report.results_received} ({report.ok} ok, {report.failed} failed)")
@@ -260,7 +262,8 @@ def main() -> None:
     print(f"faults:             {report.faults}")
     print(f"malformed sent:     {report.malformed_sent}")
     print(
-        f"flood ratio:        {report.flood_ratio:.3f} (generation {report.flood_generation_s} s under flood / {report.quiet_generation_s} s quiet)"
+        f"flood ratio:        {report.flood_ratio:.3f} (generation {report.flood_generation_s} s"
+        f" under flood / {report.quiet_generation_s} s quiet)"
     )
     print(json.dumps(report.as_dict()))
     sys.exit(0 if report.lost == 0 and report.duplicates == 0 else 1)

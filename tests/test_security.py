@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.conftest import generate, require_command, start_broker
+from tests.conftest import free_port, generate, require_command, start_broker
 
 
 def mosquitto_pub(broker, *args: str, user: str | None = "edgeai-client", port: int | None = None):
@@ -159,8 +162,6 @@ def certificates(tmp_path):
 
 
 def test_tls_listener_with_client_certificates(tmp_path, certificates, make_agent):
-    from tests.conftest import free_port
-
     tls_port = free_port()
     broker = start_broker(
         tmp_path / "tls-broker",
@@ -237,3 +238,15 @@ def test_tls_listener_with_client_certificates(tmp_path, certificates, make_agen
         assert with_certificate.returncode == 0, with_certificate.stderr
     finally:
         broker.stop()
+
+
+def test_models_load_from_safetensors_only(broker, make_agent, tiny_model, tmp_path):
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model, pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), pickled / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()  # only a pickle is left: it could run code when loaded, so it must not load
+    agent = make_agent(broker, start=False, EDGEAI_MODEL=str(pickled))
+    agent.start(wait=False)
+    state = agent.wait_state("error")
+    assert "safetensors" in state["error"]
