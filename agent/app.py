@@ -53,6 +53,7 @@ class Agent:
         self.metrics.prime(REQUEST_OUTCOMES)
         self._stop = asyncio.Event()
         self._state_changed = asyncio.Event()
+        self._connected = asyncio.Event()
         self._temperature_c: float | None = None
         self._throttled: bool | None = None
         self._state = "loading"
@@ -120,10 +121,12 @@ class Agent:
             max_attempts=settings.max_attempts,
             on_change=self._state_changed.set,
         )
-        await self._recover()
         self.link.start()
         self.worker.start()
+        for entry in await self.journal.unfinished():
+            await self.runner.resume(entry)
         tasks = [
+            asyncio.create_task(self._redeliver(), name="redeliver"),
             asyncio.create_task(self.runner.run(), name="runner"),
             asyncio.create_task(self._keep_state(), name="state"),
             asyncio.create_task(self._take_requests(), name="intake"),
@@ -134,13 +137,12 @@ class Agent:
         await self._shutdown(tasks)
         return 0
 
-    async def _recover(self) -> None:
-        """Publish replies that were not delivered, and queue jobs that did not finish."""
+    async def _redeliver(self) -> None:
+        """Once connected, publish the stored replies the broker never acknowledged."""
+        await self._connected.wait()
         for entry in await self.journal.undelivered():
             log.info("publishing the stored reply of %s again", entry.spec.id)
             await self.runner.redeliver(entry)
-        for entry in await self.journal.unfinished():
-            await self.runner.resume(entry)
 
     async def _prune_journal(self) -> None:
         while True:
@@ -302,6 +304,7 @@ class Agent:
     def _on_connection(self, connected: bool) -> None:
         self.metrics.mqtt_connected.set(1 if connected else 0)
         if connected:
+            self._connected.set()
             self._publish_state()
 
     def _on_worker_change(self) -> None:

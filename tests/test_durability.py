@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import time
 from collections import Counter
 
 from tests.conftest import generate, start_broker
@@ -41,6 +42,9 @@ def test_kill_9_with_five_jobs_queued_then_restart_delivers_each_once(broker, ma
     agent.signal(signal.SIGKILL)
     agent.process.wait()
     assert results_by_id(client, base) == Counter()
+    # Sent while the agent is down: the broker keeps it for the agent's persistent session.
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "while-down"}))
+    ids.append("while-down")
     agent.start()
     for job_id in ["blocker", *ids]:
         assert client.wait_for(f"{base}/result/{job_id}").json()["status"] == "ok"
@@ -164,4 +168,32 @@ def test_thermal_guard_pauses_while_hot(broker, make_agent):
     temperature.write_text("65000\n")
     assert client.wait_for(f"{base}/result/hot").json()["status"] == "ok"
     client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "idle")
+    client.close()
+
+
+def test_a_reply_not_acknowledged_by_the_broker_is_published_at_start(broker, make_agent):
+    agent = make_agent(broker)
+    client = broker.client(persistent=True)
+    base = agent.base
+    client.subscribe(f"{base}/result/+")
+    first = generate(client, agent, id="unconfirmed", seed=3)
+    assert agent.stop() == 0
+    # As if the agent had died after storing the reply but before the broker's PUBACK.
+    with sqlite3.connect(agent.state_dir / "journal.sqlite3") as db:
+        db.execute("UPDATE jobs SET status = 'done' WHERE id = 'unconfirmed'")
+    seen_before = len(client.messages(f"{base}/result/unconfirmed"))
+    agent.start()
+    client.wait_for(
+        f"{base}/result/unconfirmed", lambda m: len(client.messages(m.topic)) > seen_before
+    )
+    again = client.messages(f"{base}/result/unconfirmed")[-1]
+    assert again.json() == first  # the stored reply, base64 read back from the image file
+    with sqlite3.connect(agent.state_dir / "journal.sqlite3") as db:
+        deadline = time.monotonic() + 10
+        while (
+            db.execute("SELECT status FROM jobs WHERE id = 'unconfirmed'").fetchone()[0]
+            != "delivered"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     client.close()
