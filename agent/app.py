@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import secrets
 import signal
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from agent import thermal
+from agent import discovery, thermal
 from agent.images import ImageStore
 from agent.journal import JobStatus, Journal
-from agent.messages import ErrorCode, JobSpec, RequestError, parse_cancel, parse_generate
+from agent.messages import (
+    MAX_SEED,
+    ErrorCode,
+    JobSpec,
+    RequestError,
+    parse_cancel,
+    parse_generate,
+)
 from agent.metrics import AgentMetrics
 from agent.mqtt import Inbound, MqttError, MqttLink
 from agent.outbox import Outbox
@@ -54,6 +64,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._state_changed = asyncio.Event()
         self._connected = asyncio.Event()
+        self._last_spec: JobSpec | None = None
         self._temperature_c: float | None = None
         self._throttled: bool | None = None
         self._state = "loading"
@@ -83,7 +94,12 @@ class Agent:
         self.link = MqttLink(
             settings,
             self.topics,
-            [self.topics.generate, self.topics.cancel],
+            [
+                self.topics.generate,
+                self.topics.cancel,
+                self.topics.regenerate,
+                self.ha_status_topic,
+            ],
             self._on_message,
             self._on_connection,
         )
@@ -121,6 +137,7 @@ class Agent:
             max_attempts=settings.max_attempts,
             on_change=self._state_changed.set,
         )
+        self._last_spec = await self.journal.latest()
         self.link.start()
         self.worker.start()
         for entry in await self.journal.unfinished():
@@ -182,17 +199,70 @@ class Agent:
         self.journal.close()
 
     # --- inbound
+    @property
+    def ha_status_topic(self) -> str:
+        """Home Assistant's birth and last-will topic."""
+        return f"{self.settings.discovery_prefix}/status"
+
     def _on_message(self, message: Inbound) -> None:
-        if message.topic == self.topics.generate and not message.retain:
-            self._on_generate(message)  # acknowledged once its journal row is committed
+        topic = message.topic
+        if topic in (self.topics.generate, self.topics.regenerate) and not message.retain:
+            # Acknowledged once its journal row is committed.
+            if topic == self.topics.generate:
+                self._on_generate(message)
+            else:
+                self._on_regenerate(message)
             return
         try:
-            if message.retain:
+            if topic == self.ha_status_topic:
+                if message.payload == b"online":
+                    self._announce()  # Home Assistant restarted and forgot the entities
+            elif message.retain:
                 self._on_retained(message)
-            elif message.topic == self.topics.cancel:
+            elif topic == self.topics.cancel:
                 self._on_cancel(message)
         finally:
             self.link.ack(message)
+
+    def _announce(self) -> None:
+        """Publish every entity's discovery config, or empty configs to remove them."""
+        settings = self.settings
+        for announcement in discovery.announcements(
+            prefix=settings.discovery_prefix,
+            node_id=settings.node_id,
+            topics=self.topics,
+            model=settings.model,
+            image_format=settings.default_format,
+            configuration_url=self.outbox.base_url,
+        ):
+            payload = announcement.payload() if settings.discovery else ""
+            try:
+                self.link.publish(announcement.topic, payload, retain=True)
+            except MqttError:
+                log.exception("cannot publish discovery")
+
+    def _on_regenerate(self, message: Inbound) -> None:
+        """Run the last prompt again with a new seed (Home Assistant's button)."""
+        last = self._last_spec
+        if last is None:
+            self._refuse(RequestError(ErrorCode.NO_PROMPT, "no prompt has been sent yet"), message)
+            self.link.ack(message)
+            return
+        spec = dataclasses.replace(
+            last,
+            id=uuid.uuid4().hex,
+            seed=secrets.randbelow(MAX_SEED + 1),
+            reply_to=None,
+            correlation_data=None,
+        )
+        try:
+            self._check_room(spec)
+        except RequestError as exc:
+            self._refuse(exc, message)
+            self.link.ack(message)
+            return
+        self._intake.put_nowait((message, spec))
+        self._taking += 1
 
     def _on_generate(self, message: Inbound) -> None:
         try:
@@ -266,6 +336,7 @@ class Agent:
             )
         expires_at = time.time() + message.expiry_s if message.expiry_s else None
         await self.journal.add(spec, request_hash, expires_at)
+        self._last_spec = spec
         self.runner.submit(Job(spec, expires_at=expires_at))
         self.metrics.requests.labels(outcome="accepted").inc()
 
@@ -305,6 +376,7 @@ class Agent:
         self.metrics.mqtt_connected.set(1 if connected else 0)
         if connected:
             self._connected.set()
+            self._announce()
             self._publish_state()
 
     def _on_worker_change(self) -> None:

@@ -195,6 +195,17 @@ class Journal:
 
         await self._run(write)
 
+    async def latest(self) -> JobSpec | None:
+        """Return the most recently received job's request, if any."""
+
+        def read() -> JobSpec | None:
+            row = self._connection.execute(
+                "SELECT spec FROM jobs ORDER BY received_at DESC LIMIT 1"
+            ).fetchone()
+            return _spec_from_json(row["spec"]) if row is not None else None
+
+        return await self._run(read)
+
     async def unfinished(self) -> list[JournalEntry]:
         """Return queued and running jobs, oldest first."""
         return await self._select("status IN ('queued', 'running')")

@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     RETAINED_REQUEST = "retained_request"
     EXPIRED = "expired"
+    NO_PROMPT = "no_prompt"
     INTERNAL_ERROR = "internal_error"
 
 

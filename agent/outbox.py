@@ -54,7 +54,7 @@ class Outbox:
         self._topics = topics
         self._store = store
         self._metrics = metrics
-        self._base_url = base_url
+        self.base_url = base_url
         self.model = ""
 
     def _publish(
@@ -72,7 +72,7 @@ class Outbox:
 
     def url(self, spec: JobSpec) -> str:
         """Return the URL a job's image is served at."""
-        return f"{self._base_url}/images/{file_name(spec.id, spec.format)}"
+        return f"{self.base_url}/images/{file_name(spec.id, spec.format)}"
 
     def job_event(self, job_id: str, event: str, **fields: Any) -> None:  # noqa: ANN401 - JSON values
         """Publish one event of a job on ``jobs/<id>``."""

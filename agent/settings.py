@@ -60,6 +60,27 @@ class Settings(BaseSettings):
         description="reply_to and MQTT 5 response topics must start with this (empty allows any).",
     )
 
+    # --- Home Assistant and fleet
+    discovery: bool = Field(
+        default=True,
+        description="Announce entities to Home Assistant; false removes them.",
+    )
+    discovery_prefix: str = Field(
+        default="homeassistant",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Home Assistant's MQTT discovery prefix.",
+    )
+    fleet_group: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Join this fleet: take jobs from fleet_topic through a shared subscription.",
+    )
+    fleet_topic: str = Field(
+        default="edgeai/fleet/generate",
+        description="Where fleet requests are published; their results go to "
+        "<fleet_topic without /generate>/result/<id>.",
+    )
+
     # --- broker
     mqtt_host: str = Field(default="localhost", description="MQTT broker host name or address.")
     mqtt_port: Port = Field(default=1883, description="MQTT broker port.")

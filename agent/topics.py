@@ -25,6 +25,11 @@ class Topics:
         return f"{self.base}/cancel"
 
     @property
+    def regenerate(self) -> str:
+        """A press runs the last prompt again with a new seed (Home Assistant's button)."""
+        return f"{self.base}/regenerate"
+
+    @property
     def availability(self) -> str:
         """Retained ``online`` / ``offline``; the last will."""
         return f"{self.base}/availability"

@@ -206,8 +206,8 @@ class WorkerLink:
             self._loop.call_soon_threadsafe(self._on_event, generation, event)
 
     def _on_event(self, generation: int, event: WorkerEvent) -> None:
-        if generation != self._generation:
-            return  # a message from a worker that was already replaced
+        if generation != self._generation or self.status is WorkerStatus.STOPPED:
+            return  # a message from a worker that was replaced, or is being stopped
         if isinstance(event, Ready):
             self.loaded, self.last_error, self._load_failures = event, None, 0
             self._set_status(WorkerStatus.READY)
