@@ -8,6 +8,7 @@ Home Assistant release with the MQTT ``image`` platform understands. All entitie
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -173,7 +174,23 @@ def announcements(  # noqa: PLR0913 - each value lands in the configs
     return [
         Announcement(
             topic=f"{prefix}/{component}/{node_id}/{object_id}/config",
-            config={**shared, **config, "unique_id": f"edgeai_{node_id}_{object_id}"},
+            config={
+                **shared,
+                **config,
+                "unique_id": f"edgeai_{node_id}_{object_id}",
+                "default_entity_id": entity_id(component, node_id, config["name"]),
+            },
         )
         for component, object_id, config in entities
     ]
+
+
+def entity_id(component: str, node_id: str, name: str) -> str:
+    """Return the entity id Home Assistant gives an entity: domain, device name, entity name.
+
+    Newer releases take it from ``default_entity_id``; older ones build the same from the device
+    name (``edgeai <node_id>``) and the entity name, so automations work on both.
+    """
+    return f"{component}." + re.sub(r"[^a-z0-9]+", "_", f"edgeai {node_id} {name}".lower()).strip(
+        "_"
+    )
