@@ -24,6 +24,7 @@ from agent.messages import (
     ErrorCode,
     JobSpec,
     RequestError,
+    error_body,
     parse_cancel,
     parse_generate,
 )
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_OUTCOMES = ["accepted", "redelivered", *(code.value for code in ErrorCode)]
 JOURNAL_PRUNE_INTERVAL_S = 3600.0
+FLEET_PASS_BACK_DELAY_S = 0.25
+"""A busy agent waits this long before passing a fleet job on, so that while every agent is busy
+jobs circle a few times a second rather than as fast as the network allows."""
 
 
 class Agent:
@@ -69,7 +73,7 @@ class Agent:
         self._throttled: bool | None = None
         self._state = "loading"
         # Accepted requests wait here, in order, for their journal row; counted as queued.
-        self._intake: asyncio.Queue[tuple[Inbound, JobSpec]] = asyncio.Queue()
+        self._intake: asyncio.Queue[Intake] = asyncio.Queue()
         self._accepting = True
         self._taking = 0  # requests taken in but not yet in the runner's queue
         self._background: set[asyncio.Task[None]] = set()
@@ -103,6 +107,18 @@ class Agent:
             self._on_message,
             self._on_connection,
         )
+        self.fleet_link: MqttLink | None = None
+        if settings.fleet_group is not None:
+            self.fleet_link = MqttLink(
+                settings,
+                self.topics,
+                [f"$share/{settings.fleet_group}/{settings.fleet_topic}"],
+                self._on_fleet_message,
+                lambda _connected: None,
+                client_id=f"{settings.client_id}-fleet",
+                receive_maximum=1,  # one fleet job in flight to this agent at a time
+                announces=False,
+            )
         outbox = Outbox(
             self.link, self.topics, store, self.metrics, settings.base_url(self.http.port)
         )
@@ -139,6 +155,8 @@ class Agent:
         )
         self._last_spec = await self.journal.latest()
         self.link.start()
+        if self.fleet_link is not None:
+            self.fleet_link.start()
         self.worker.start()
         for entry in await self.journal.unfinished():
             await self.runner.resume(entry)
@@ -194,6 +212,8 @@ class Agent:
             )
             await self.journal.requeue(interrupted.spec.id, refund=True)
         await self.worker.stop(at_once=interrupted is not None)
+        if self.fleet_link is not None:
+            await self.fleet_link.stop()
         await self.link.stop()
         await asyncio.to_thread(self.http.stop)
         self.journal.close()
@@ -223,6 +243,61 @@ class Agent:
                 self._on_cancel(message)
         finally:
             self.link.ack(message)
+
+    def _on_fleet_message(self, message: Inbound) -> None:
+        """A request from the fleet topic: like ``generate``, its result also on the fleet.
+
+        The broker hands shared-subscription messages round robin, busy or not (mosquitto
+        does), so a busy agent passes a fleet job back to the fleet instead of queueing it:
+        the job then lands on an agent that is free, and faster agents take more jobs.
+        """
+        link = self.fleet_link
+        assert link is not None  # noqa: S101 - only the fleet link calls this
+        if message.retain:
+            self._on_retained(message)
+            link.ack(message)
+            return
+        if self.runner.current is not None or self.runner.depth or self._taking:
+            task = asyncio.create_task(self._pass_back(link, message), name="fleet-pass-back")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        try:
+            spec = parse_generate(
+                message.payload,
+                self.settings,
+                response_topic=message.response_topic,
+                correlation_data=message.correlation_data,
+            )
+            spec = dataclasses.replace(
+                spec, fleet_result_topic=f"{self.settings.fleet_results}/result/{spec.id}"
+            )
+            self._check_room(spec)
+        except RequestError as exc:
+            self._refuse(exc, message)
+            if exc.job_id is not None:
+                body = json.dumps(error_body(exc.job_id, exc.code, exc.message))
+                with contextlib.suppress(MqttError):
+                    self.link.publish(f"{self.settings.fleet_results}/result/{exc.job_id}", body)
+            link.ack(message)
+            return
+        self._take(Intake(message, spec, link))
+
+    async def _pass_back(self, link: MqttLink, message: Inbound) -> None:
+        """Publish a fleet job to the fleet again, then acknowledge it (so it is never lost)."""
+        self.metrics.fleet_passed_back.inc()
+        await asyncio.sleep(FLEET_PASS_BACK_DELAY_S)
+        try:
+            await link.publish_confirmed(
+                self.settings.fleet_topic,
+                message.payload,
+                response_topic=message.response_topic,
+                correlation_data=message.correlation_data,
+            )
+        except MqttError:
+            log.exception("cannot pass a fleet job back; the broker will deliver it again")
+            return
+        link.ack(message)
 
     def _announce(self) -> None:
         """Publish every entity's discovery config, or empty configs to remove them."""
@@ -261,8 +336,7 @@ class Agent:
             self._refuse(exc, message)
             self.link.ack(message)
             return
-        self._intake.put_nowait((message, spec))
-        self._taking += 1
+        self._take(Intake(message, spec, self.link))
 
     def _on_generate(self, message: Inbound) -> None:
         try:
@@ -277,8 +351,7 @@ class Agent:
             self._refuse(exc, message)
             self.link.ack(message)
             return
-        self._intake.put_nowait((message, spec))
-        self._taking += 1
+        self._take(Intake(message, spec, self.link))
 
     def _check_room(self, spec: JobSpec) -> None:
         if not self._accepting:
@@ -296,10 +369,15 @@ class Agent:
                 reply_to=spec.reply_to,
             )
 
+    def _take(self, intake: Intake) -> None:
+        self._intake.put_nowait(intake)
+        self._taking += 1
+
     async def _take_requests(self) -> None:
         """Journal each accepted request, in arrival order, then acknowledge it."""
         while True:
-            message, spec = await self._intake.get()
+            intake = await self._intake.get()
+            message, spec, link = intake.message, intake.spec, intake.link
             try:
                 await self._accept(message, spec)
             except RequestError as exc:
@@ -315,7 +393,7 @@ class Agent:
                 self._refuse(error, message)
             finally:
                 self._taking -= 1
-                self.link.ack(message)
+                link.ack(message)
 
     async def _accept(self, message: Inbound, spec: JobSpec) -> None:
         """Journal a request as a job, or answer it from the journal if it was seen before."""
@@ -466,6 +544,15 @@ class Agent:
             "worker_pid": self.worker.pid if hasattr(self, "worker") else None,
         }
         return healthy, details
+
+
+@dataclasses.dataclass(frozen=True)
+class Intake:
+    """A parsed request waiting for its journal row, and how to acknowledge it."""
+
+    message: Inbound
+    spec: JobSpec
+    link: MqttLink
 
 
 def _request_hash(message: Inbound) -> str:

@@ -118,6 +118,8 @@ class JobSpec:
     format: ImageFormat
     reply_to: str | None = None
     correlation_data: bytes | None = None
+    fleet_result_topic: str | None = None
+    """Where a fleet job's result goes too, so fleet clients need not know which agent ran it."""
 
     def worker_fields(self) -> dict[str, Any]:
         """Return what the worker process needs to generate and encode the image."""

@@ -148,6 +148,11 @@ class AgentMetrics:
             "Times the generation worker process died and was started again.",
             registry=registry,
         )
+        self.fleet_passed_back = Counter(
+            "edgeai_fleet_passed_back",
+            "Fleet jobs this agent passed back to the fleet because it was busy.",
+            registry=registry,
+        )
         self.state = Enum(
             "edgeai_state", "What the agent is doing.", states=list(STATES), registry=registry
         )

@@ -51,13 +51,17 @@ class Inbound:
 class MqttLink:
     """A connected (or reconnecting) MQTT client, driven from asyncio."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the fleet connection differs in three options
         self,
         settings: Settings,
         topics: Topics,
         subscriptions: list[str],
         on_message: Callable[[Inbound], None],
         on_connection: Callable[[bool], None],
+        *,
+        client_id: str | None = None,
+        receive_maximum: int | None = None,
+        announces: bool = True,
     ) -> None:
         """Create the link; :meth:`start` connects.
 
@@ -67,7 +71,13 @@ class MqttLink:
             subscriptions: Topics subscribed at QoS 1 on every connect.
             on_message: Called on the event loop for each message received.
             on_connection: Called on the event loop with True on connect, False on disconnect.
+            client_id: MQTT client id; the agent's own by default.
+            receive_maximum: Unacknowledged requests the broker may send at once; by default
+                one more than the queue holds.
+            announces: Whether this connection carries availability (the last will, ``online``).
         """
+        self._receive_maximum = receive_maximum or min(settings.max_queue + 1, 65535)
+        self._announces = announces
         self._settings = settings
         self._topics = topics
         self._subscriptions = subscriptions
@@ -78,7 +88,7 @@ class MqttLink:
         self.max_packet_size: int | None = None
         client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
+            client_id=client_id or settings.client_id,
             protocol=paho.MQTTv5,
             manual_ack=True,
         )
@@ -90,7 +100,8 @@ class MqttLink:
             )
         if settings.mqtt_username is not None:
             client.username_pw_set(settings.mqtt_username, settings.password())
-        client.will_set(topics.availability, "offline", qos=1, retain=True)
+        if announces:
+            client.will_set(topics.availability, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=settings.mqtt_reconnect_max_s)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
@@ -103,8 +114,8 @@ class MqttLink:
         """Connect in the background; paho retries until the broker answers."""
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
-        # Never more unacknowledged requests in flight than the queue can take.
-        properties.ReceiveMaximum = min(self._settings.max_queue + 1, 65535)
+        # Never more unacknowledged requests in flight than the agent will take.
+        properties.ReceiveMaximum = self._receive_maximum
         self._client.connect_async(
             self._settings.mqtt_host,
             self._settings.mqtt_port,
@@ -125,6 +136,7 @@ class MqttLink:
         topic: str,
         payload: str | bytes,
         *,
+        response_topic: str | None = None,
         correlation_data: bytes | None = None,
     ) -> asyncio.Future[None]:
         """Publish at QoS 1 and return a future the broker's acknowledgement resolves.
@@ -135,19 +147,22 @@ class MqttLink:
             MqttError: paho refused the message.
         """
         future: asyncio.Future[None] = self._loop.create_future()
-        mid = self.publish(topic, payload, correlation_data=correlation_data)
+        mid = self.publish(
+            topic, payload, response_topic=response_topic, correlation_data=correlation_data
+        )
         # The acknowledgement reaches the loop through call_soon_threadsafe, so it cannot run
         # before this registration, which happens in the same loop callback as the publish.
         self._unacknowledged[mid] = future
         return future
 
-    def publish(
+    def publish(  # noqa: PLR0913 - MQTT's own publish options
         self,
         topic: str,
         payload: str | bytes,
         *,
         retain: bool = False,
         qos: int = 1,
+        response_topic: str | None = None,
         correlation_data: bytes | None = None,
     ) -> int:
         """Queue a message; paho sends it now or after the next reconnect.
@@ -159,9 +174,12 @@ class MqttLink:
             MqttError: paho refused the message (too large, or the topic is invalid).
         """
         properties = None
-        if correlation_data is not None:
+        if correlation_data is not None or response_topic is not None:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.CorrelationData = correlation_data
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
         try:
             info = self._client.publish(
                 topic, payload, qos=qos, retain=retain, properties=properties
@@ -179,7 +197,7 @@ class MqttLink:
 
     async def stop(self) -> None:
         """Publish ``offline`` (a clean DISCONNECT suppresses the will), then disconnect."""
-        if self.connected:
+        if self.connected and self._announces:
             info = self._client.publish(self._topics.availability, "offline", qos=1, retain=True)
             await asyncio.to_thread(info.wait_for_publish, OFFLINE_PUBLISH_TIMEOUT_S)
         self._client.disconnect()
@@ -204,7 +222,8 @@ class MqttLink:
         # flag keeps it, so the agent can refuse it.
         options = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=2)
         client.subscribe([(topic, options) for topic in self._subscriptions])
-        client.publish(self._topics.availability, "online", qos=1, retain=True)
+        if self._announces:
+            client.publish(self._topics.availability, "online", qos=1, retain=True)
         self._loop.call_soon_threadsafe(self._set_connected, True, max_packet)
 
     def _paho_disconnect(

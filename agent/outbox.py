@@ -103,6 +103,8 @@ class Outbox:
         payload = _json(body)
         if spec.reply_to is not None:
             self._publish(spec.reply_to, payload, correlation_data=spec.correlation_data)
+        if spec.fleet_result_topic is not None:
+            self._publish(spec.fleet_result_topic, payload)
         try:
             return self._link.publish_confirmed(self._topics.result(spec.id), payload)
         except MqttError:

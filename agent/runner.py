@@ -158,20 +158,21 @@ class Runner:
                 self._finished.set()
                 self._changed()
 
-    async def _run_one(self, job: Job) -> None:
+    async def _run_one(self, job: Job) -> bool:
+        """Run one job; return whether it has its reply (False: it went back in the queue)."""
         spec = job.spec
         try:
             loaded = await self._worker.wait_ready()
         except WorkerUnavailableError as exc:
             await self._fail(job, ErrorCode.MODEL_UNAVAILABLE, f"the model is not loaded: {exc}")
-            return
+            return True
         self._outbox.model = loaded.model
         if job.cancel_requested:
             await self._fail(job, ErrorCode.CANCELLED, "cancelled before it started")
-            return
+            return True
         if job.expires_at is not None and time.time() > job.expires_at:
             await self._fail(job, ErrorCode.EXPIRED, "the request expired before it could run")
-            return
+            return True
         attempt = await self._journal.start(spec.id)
         queue_wait = time.monotonic() - job.received
         self._metrics.queue_wait_seconds.observe(queue_wait)
@@ -190,15 +191,16 @@ class Runner:
                 )
                 await self._journal.requeue(spec.id, refund=False)
                 self.submit(job, first=True)
-            else:
-                await self._fail(job, ErrorCode.WORKER_CRASHED, f"{exc}, {attempt} times")
-            return
+                return False
+            await self._fail(job, ErrorCode.WORKER_CRASHED, f"{exc}, {attempt} times")
+            return True
         if isinstance(outcome, Finished):
             await self._succeed(job, outcome, queue_wait)
         elif isinstance(outcome, Cancelled):
             await self._fail(job, ErrorCode.CANCELLED, "cancelled while it ran")
         elif isinstance(outcome, Failed):
             await self._fail(job, ErrorCode.GENERATION_FAILED, outcome.message)
+        return True
 
     async def _succeed(self, job: Job, finished: Finished, queue_wait: float) -> None:
         spec = job.spec

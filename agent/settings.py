@@ -261,6 +261,11 @@ class Settings(BaseSettings):
         return self.mqtt_client_id or f"edgeai-{self.node_id}"
 
     @property
+    def fleet_results(self) -> str:
+        """Return the topic prefix of fleet results: ``fleet_topic`` without ``/generate``."""
+        return self.fleet_topic.removesuffix("/generate")
+
+    @property
     def journal_path(self) -> Path:
         """Return the SQLite journal's path."""
         return self.state_dir / "journal.sqlite3"

@@ -130,6 +130,10 @@ class TestClient:
         with self._lock:
             return [message for message in self.seen if message.topic == topic]
 
+    def messages_matching(self, prefix: str) -> list[Received]:
+        with self._lock:
+            return [message for message in self.seen if message.topic.startswith(prefix)]
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

@@ -58,11 +58,12 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def build_tiny_pipeline(folder: Path) -> Path:
+def build_tiny_pipeline(folder: Path, unet_channels: tuple[int, int] = (8, 16)) -> Path:
     """Write a tiny random-weight SDXL pipeline to ``folder`` and return the folder.
 
     Args:
         folder: Where the pipeline goes; created if missing.
+        unet_channels: The UNet's two block widths; wider is slower (for a slow agent in tests).
 
     Returns:
         The folder, ready for ``AutoPipelineForText2Image.from_pretrained``.
@@ -98,7 +99,7 @@ def build_tiny_pipeline(folder: Path) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
+        block_out_channels=unet_channels,
         layers_per_block=1,
         sample_size=64,
         in_channels=4,
