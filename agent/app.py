@@ -34,6 +34,7 @@ from agent.outbox import Outbox
 from agent.runner import Job, Runner
 from agent.thermal import ThermalGuard
 from agent.topics import Topics
+from agent.web import WebApi
 from agent.worker import WorkerConfig
 from agent.worker_link import WorkerLink, WorkerStatus
 
@@ -93,7 +94,6 @@ class Agent:
         self.http = AgentHttpServer(
             settings.http_host, settings.http_port, store.folder, self.metrics.registry, self.health
         )
-        self.http.start()
         log.info("HTTP server on %s:%d", settings.http_host, self.http.port)
         self.link = MqttLink(
             settings,
@@ -137,6 +137,17 @@ class Agent:
             on_restart=self.metrics.worker_restarts.inc,
         )
         self.journal = Journal(settings.journal_path)
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        self.http.start(
+            WebApi(
+                loop=loop,
+                agent=self,
+                events=outbox.events,
+                token=token,
+                public_images=settings.public_images,
+                max_payload_bytes=settings.max_payload_bytes,
+            )
+        )
         self.guard = ThermalGuard(
             settings.thermal_glob,
             settings.pause_c,
@@ -379,7 +390,8 @@ class Agent:
             intake = await self._intake.get()
             message, spec, link = intake.message, intake.spec, intake.link
             try:
-                await self._accept(message, spec)
+                expires_at = time.time() + message.expiry_s if message.expiry_s else None
+                await self._accept(spec, _request_hash(message), expires_at)
             except RequestError as exc:
                 self._refuse(exc, message)
             except Exception as exc:  # a request must never go unanswered, even on a bug
@@ -395,9 +407,8 @@ class Agent:
                 self._taking -= 1
                 link.ack(message)
 
-    async def _accept(self, message: Inbound, spec: JobSpec) -> None:
+    async def _accept(self, spec: JobSpec, request_hash: str, expires_at: float | None) -> None:
         """Journal a request as a job, or answer it from the journal if it was seen before."""
-        request_hash = _request_hash(message)
         entry = await self.journal.get(spec.id)
         if entry is not None and entry.request_hash == request_hash:
             # The same request again (a QoS 1 redelivery, a client resend): never run it twice.
@@ -412,11 +423,73 @@ class Agent:
                 job_id=spec.id,
                 reply_to=spec.reply_to,
             )
-        expires_at = time.time() + message.expiry_s if message.expiry_s else None
         await self.journal.add(spec, request_hash, expires_at)
         self._last_spec = spec
         self.runner.submit(Job(spec, expires_at=expires_at))
         self.metrics.requests.labels(outcome="accepted").inc()
+
+    # --- the web page's API (called from the HTTP server's threads through the loop)
+    async def submit_web(self, payload: bytes) -> dict[str, Any]:
+        """Take a job from the HTTP API: the same validation, journal, queue and metrics.
+
+        Raises:
+            RequestError: The request is refused; counted like an MQTT refusal.
+        """
+        try:
+            spec = parse_generate(payload, self.settings)
+            self._check_room(spec)
+            self._taking += 1
+            try:
+                await self._accept(spec, hashlib.sha256(payload).hexdigest(), None)
+            finally:
+                self._taking -= 1
+        except RequestError as exc:
+            self.metrics.requests.labels(outcome=exc.code.value).inc()
+            raise
+        return {"id": spec.id, "position": self.runner.position(spec.id)}
+
+    async def job_status(self, job_id: str) -> dict[str, Any] | None:
+        """Return a job's status and, once finished, its reply (with the image URL)."""
+        entry = await self.journal.get(job_id)
+        if entry is None:
+            return None
+        body: dict[str, Any] = {"id": job_id, "status": entry.status.value}
+        position = self.runner.position(job_id)
+        if position is not None:
+            body["position"] = position
+        if entry.reply is not None:
+            body["status"] = "done"
+            reply = dict(entry.reply)
+            if reply.get("status") == "ok":
+                reply["image"] = {**reply["image"], "url": self.outbox.url(entry.spec)}
+            body["reply"] = reply
+        return body
+
+    async def cancel_web(self, job_id: str) -> bool:
+        """Cancel a job from the HTTP API; return whether it was queued or running."""
+        return await self.runner.cancel(job_id)
+
+    async def gallery(self, limit: int) -> list[dict[str, Any]]:
+        """Return the newest images still on disk, newest first."""
+        images = []
+        for entry in await self.journal.recent(limit * 2):
+            spec = entry.spec
+            if not (self.outbox.store_path(spec)).exists():
+                continue  # removed by retention
+            images.append(
+                {
+                    "id": spec.id,
+                    "prompt": spec.prompt,
+                    "seed": spec.seed,
+                    "width": spec.width,
+                    "height": spec.height,
+                    "format": spec.format,
+                    "url": self.outbox.url(spec),
+                    "created": entry.received_at,
+                    "latency_s": (entry.reply or {}).get("latency_s"),
+                }
+            )
+        return images[:limit]
 
     def _on_retained(self, message: Inbound) -> None:
         if not message.payload:

@@ -206,6 +206,19 @@ class Journal:
 
         return await self._run(read)
 
+    async def recent(self, limit: int) -> list[JournalEntry]:
+        """Return the newest finished jobs that produced an image, newest first."""
+
+        def read() -> list[JournalEntry]:
+            rows = self._connection.execute(
+                "SELECT * FROM jobs WHERE status IN ('done', 'delivered')"
+                " AND json_extract(reply, '$.status') = 'ok' ORDER BY received_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [_entry(row) for row in rows]
+
+        return await self._run(read)
+
     async def unfinished(self) -> list[JournalEntry]:
         """Return queued and running jobs, oldest first."""
         return await self._select("status IN ('queued', 'running')")

@@ -9,11 +9,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent.events import JobEvents
 from agent.images import file_name
 from agent.messages import ErrorCode, error_body
 from agent.mqtt import MqttError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from agent.images import ImageStore
     from agent.messages import JobSpec
     from agent.metrics import AgentMetrics
@@ -56,6 +59,7 @@ class Outbox:
         self._metrics = metrics
         self.base_url = base_url
         self.model = ""
+        self.events = JobEvents()
 
     def _publish(
         self,
@@ -70,13 +74,19 @@ class Outbox:
         except MqttError:
             log.exception("publish failed")
 
+    def store_path(self, spec: JobSpec) -> Path:
+        """Return the path of a job's image file."""
+        return self._store.folder / file_name(spec.id, spec.format)
+
     def url(self, spec: JobSpec) -> str:
         """Return the URL a job's image is served at."""
         return f"{self.base_url}/images/{file_name(spec.id, spec.format)}"
 
     def job_event(self, job_id: str, event: str, **fields: Any) -> None:  # noqa: ANN401 - JSON values
-        """Publish one event of a job on ``jobs/<id>``."""
-        self._publish(self._topics.job(job_id), _json({"id": job_id, "event": event, **fields}))
+        """Publish one event of a job on ``jobs/<id>`` (and to the web page's streams)."""
+        body = {"id": job_id, "event": event, **fields}
+        self._publish(self._topics.job(job_id), _json(body))
+        self.events.publish(job_id, body)
 
     def error(
         self,

@@ -82,6 +82,13 @@ class Runner:
         """Return how many jobs wait (the running one excluded)."""
         return len(self._queue)
 
+    def position(self, job_id: str) -> int | None:
+        """Return a queued job's place in the queue (1 runs next), or None."""
+        for index, job in enumerate(self._queue):
+            if job.spec.id == job_id:
+                return index + 1
+        return None
+
     def submit(self, job: Job, *, first: bool = False) -> None:
         """Queue a job (already journaled) and announce its place.
 

@@ -188,6 +188,16 @@ class Settings(BaseSettings):
         "default http://<hostname>:<http_port>.",
     )
 
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="When set, creating or cancelling a job over HTTP needs this token "
+        "(Authorization: Bearer, or ?token=).",
+    )
+    public_images: bool = Field(
+        default=False,
+        description="With api_token set, let anyone read images and the gallery without it.",
+    )
+
     # --- hardware
     thermal_glob: str = Field(
         default="/sys/class/thermal/thermal_zone*/temp",

@@ -1,0 +1,1 @@
+"""The web page's files (HTML, CSS, JavaScript), served by the agent."""

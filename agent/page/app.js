@@ -1,0 +1,150 @@
+// The edgeai-agent page: create a job through the JSON API, follow its events, show the image.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "edgeai-token";
+
+function token() { return localStorage.getItem(TOKEN_KEY) || ""; }
+function withToken(url) {
+  const t = token();
+  return t ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(t) : url;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+async function api(method, path, body) {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const headers = { "Content-Type": "application/json" };
+    if (token()) headers.Authorization = "Bearer " + token();
+    const response = await fetch(path, { method, headers, body: body && JSON.stringify(body) });
+    if (response.status === 401 && attempt === 0) {
+      const entered = window.prompt("This agent needs its API token:");
+      if (!entered) break;
+      localStorage.setItem(TOKEN_KEY, entered);
+      continue;
+    }
+    let data = null;
+    try { data = await response.json(); } catch (_) { data = null; }
+    if (!response.ok) {
+      const message = data && data.error ? data.error.message : "the agent answered " + response.status;
+      throw new Error(message);
+    }
+    return data;
+  }
+  throw new Error("the API token is missing or wrong");
+}
+
+function fillSizes() {
+  for (const id of ["width", "height"]) {
+    for (let size = 256; size <= 1024; size += 64) {
+      const option = new Option(String(size), String(size), size === 512, size === 512);
+      $(id).add(option);
+    }
+  }
+}
+
+function request() {
+  const body = {
+    prompt: $("prompt").value.trim(),
+    width: Number($("width").value),
+    height: Number($("height").value),
+    steps: Number($("steps").value),
+    format: $("format").value,
+    output: "url",
+  };
+  if ($("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value.trim();
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  return body;
+}
+
+function progress(text, value) {
+  $("progress").hidden = false;
+  $("progress-text").textContent = text;
+  $("progress-bar").value = value;
+}
+
+function showResult(reply) {
+  if (reply.status !== "ok") {
+    showError(reply.error ? reply.error.message + " (" + reply.error.code + ")" : "the job failed");
+    return;
+  }
+  const url = new URL(reply.image.url).pathname;
+  $("result-image").src = withToken(url);
+  const timings = reply.timings;
+  $("result-info").textContent =
+    "seed " + reply.seed + " · " + reply.width + "x" + reply.height + " · " +
+    timings.total_s.toFixed(2) + " s (generation " + timings.generation_s.toFixed(2) +
+    " s, queue " + timings.queue_wait_s.toFixed(2) + " s)";
+  $("download").href = withToken(url);
+  $("download").setAttribute("download", url.split("/").pop());
+  $("result").hidden = false;
+  $("result").dataset.jobId = reply.id;
+}
+
+function follow(jobId) {
+  return new Promise((resolve) => {
+    const events = new EventSource(withToken("/api/jobs/" + jobId + "/events"));
+    events.addEventListener("status", (message) => {
+      const status = JSON.parse(message.data);
+      if (status.status === "queued") progress("Queued, position " + (status.position || 1), 0);
+      if (status.status === "done") { events.close(); resolve(status.reply); }
+    });
+    events.addEventListener("job", (message) => {
+      const event = JSON.parse(message.data);
+      if (event.event === "queued") progress("Queued, position " + event.position, 0);
+      if (event.event === "running") progress("Step " + event.step + " of " + event.steps, event.step / event.steps);
+    });
+    events.onerror = () => {
+      events.close();
+      api("GET", "/api/jobs/" + jobId).then((status) => resolve(status.reply || null), () => resolve(null));
+    };
+  });
+}
+
+async function generate(submitEvent) {
+  submitEvent.preventDefault();
+  $("error").hidden = true;
+  $("generate").disabled = true;
+  try {
+    const job = await api("POST", "/api/jobs", request());
+    progress("Queued, position " + (job.position || 1), 0);
+    const reply = await follow(job.id);
+    $("progress").hidden = true;
+    if (reply) showResult(reply); else showError("lost track of the job; see the gallery");
+    await loadGallery();
+  } catch (error) {
+    $("progress").hidden = true;
+    showError(error.message);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+async function loadGallery() {
+  try {
+    const data = await api("GET", "/api/images");
+    const list = $("gallery");
+    list.replaceChildren();
+    for (const image of data.images) {
+      const item = document.createElement("li");
+      const picture = document.createElement("img");
+      picture.src = withToken(new URL(image.url).pathname);
+      picture.alt = image.prompt;
+      picture.loading = "lazy";
+      const caption = document.createElement("p");
+      const when = new Date(image.created * 1000).toLocaleString();
+      caption.textContent = image.prompt + " · seed " + image.seed + " · " + when;
+      item.append(picture, caption);
+      list.append(item);
+    }
+  } catch (error) {
+    showError("cannot load the gallery: " + error.message);
+  }
+}
+
+fillSizes();
+$("request").addEventListener("submit", generate);
+loadGallery();
