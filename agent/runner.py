@@ -174,9 +174,6 @@ class Runner:
             await self._fail(job, ErrorCode.MODEL_UNAVAILABLE, f"the model is not loaded: {exc}")
             return True
         self._outbox.model = loaded.model
-        if job.cancel_requested:
-            await self._fail(job, ErrorCode.CANCELLED, "cancelled before it started")
-            return True
         if job.expires_at is not None and time.time() > job.expires_at:
             await self._fail(job, ErrorCode.EXPIRED, "the request expired before it could run")
             return True
@@ -189,6 +186,11 @@ class Runner:
         def progress(step: int, steps: int) -> None:
             self._outbox.job_event(spec.id, "running", step=step, steps=steps)
 
+        if job.cancel_requested:
+            # Checked with no await before the job reaches the worker: a cancel that came
+            # earlier is seen here, a later one reaches the worker's cancel event.
+            await self._fail(job, ErrorCode.CANCELLED, "cancelled before it started")
+            return True
         try:
             outcome = await self._worker.run(spec.worker_fields(), progress)
         except WorkerDiedError as exc:
