@@ -39,6 +39,8 @@ from agent.worker import WorkerConfig
 from agent.worker_link import WorkerLink, WorkerStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -236,6 +238,14 @@ class Agent:
         return f"{self.settings.discovery_prefix}/status"
 
     def _on_message(self, message: Inbound) -> None:
+        try:
+            self._route(message)
+        except Exception as exc:  # a message must never go unanswered, even on a bug
+            log.exception("unexpected error while handling a message on %s", message.topic)
+            self._refuse(RequestError(ErrorCode.INTERNAL_ERROR, f"internal error: {exc}"), message)
+            self.link.ack(message)
+
+    def _route(self, message: Inbound) -> None:
         topic = message.topic
         if topic in (self.topics.generate, self.topics.regenerate) and not message.retain:
             # Acknowledged once its journal row is committed.
@@ -269,21 +279,10 @@ class Agent:
             link.ack(message)
             return
         if self.runner.current is not None or self.runner.depth or self._taking:
-            task = asyncio.create_task(self._pass_back(link, message), name="fleet-pass-back")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._pass_back(link, message), "fleet-pass-back")
             return
         try:
-            spec = parse_generate(
-                message.payload,
-                self.settings,
-                response_topic=message.response_topic,
-                correlation_data=message.correlation_data,
-            )
-            spec = dataclasses.replace(
-                spec, fleet_result_topic=f"{self.settings.fleet_results}/result/{spec.id}"
-            )
-            self._check_room(spec)
+            spec = self._parse(message)
         except RequestError as exc:
             self._refuse(exc, message)
             if exc.job_id is not None:
@@ -292,7 +291,8 @@ class Agent:
                     self.link.publish(f"{self.settings.fleet_results}/result/{exc.job_id}", body)
             link.ack(message)
             return
-        self._take(Intake(message, spec, link))
+        fleet_result = f"{self.settings.fleet_results}/result/{spec.id}"
+        self._admit(message, dataclasses.replace(spec, fleet_result_topic=fleet_result), link)
 
     async def _pass_back(self, link: MqttLink, message: Inbound) -> None:
         """Publish a fleet job to the fleet again, then acknowledge it (so it is never lost)."""
@@ -341,28 +341,34 @@ class Agent:
             reply_to=None,
             correlation_data=None,
         )
-        try:
-            self._check_room(spec)
-        except RequestError as exc:
-            self._refuse(exc, message)
-            self.link.ack(message)
-            return
-        self._take(Intake(message, spec, self.link))
+        self._admit(message, spec, self.link)
 
     def _on_generate(self, message: Inbound) -> None:
         try:
-            spec = parse_generate(
-                message.payload,
-                self.settings,
-                response_topic=message.response_topic,
-                correlation_data=message.correlation_data,
-            )
-            self._check_room(spec)
+            spec = self._parse(message)
         except RequestError as exc:
             self._refuse(exc, message)
             self.link.ack(message)
             return
-        self._take(Intake(message, spec, self.link))
+        self._admit(message, spec, self.link)
+
+    def _parse(self, message: Inbound) -> JobSpec:
+        return parse_generate(
+            message.payload,
+            self.settings,
+            response_topic=message.response_topic,
+            correlation_data=message.correlation_data,
+        )
+
+    def _admit(self, message: Inbound, spec: JobSpec, link: MqttLink) -> None:
+        """Queue a parsed request for its journal row, or refuse it when there is no room."""
+        try:
+            self._check_room(spec)
+        except RequestError as exc:
+            self._refuse(exc, message)
+            link.ack(message)
+            return
+        self._take(Intake(message, spec, link))
 
     def _check_room(self, spec: JobSpec) -> None:
         if not self._accepting:
@@ -513,7 +519,11 @@ class Agent:
         except RequestError as exc:
             self.outbox.error(None, exc.code, exc.message)
             return
-        task = asyncio.create_task(self._cancel(job_id), name=f"cancel-{job_id}")
+        self._spawn(self._cancel(job_id), f"cancel-{job_id}")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a coroutine in the background, keeping a reference until it is done."""
+        task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

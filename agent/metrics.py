@@ -55,22 +55,22 @@ class HardwareCollector:
         bits = thermal.read_throttled(self._vcgencmd)
         if bits is None:
             return
-        now = GaugeMetricFamily(
-            "edgeai_throttled",
-            "1 while the firmware reports this throttling condition (vcgencmd get_throttled).",
-            labels=["flag"],
-        )
-        for name, active in thermal.flags_now(bits).items():
-            now.add_metric([name], float(active))
-        yield now
-        since_boot = GaugeMetricFamily(
-            "edgeai_throttled_since_boot",
-            "1 if the firmware reported this throttling condition since boot.",
-            labels=["flag"],
-        )
-        for name, active in thermal.flags_since_boot(bits).items():
-            since_boot.add_metric([name], float(active))
-        yield since_boot
+        for metric, help_text, flags in (
+            (
+                "edgeai_throttled",
+                "1 while the firmware reports this throttling condition (vcgencmd get_throttled).",
+                thermal.flags_now(bits),
+            ),
+            (
+                "edgeai_throttled_since_boot",
+                "1 if the firmware reported this throttling condition since boot.",
+                thermal.flags_since_boot(bits),
+            ),
+        ):
+            family = GaugeMetricFamily(metric, help_text, labels=["flag"])
+            for name, active in flags.items():
+                family.add_metric([name], float(active))
+            yield family
 
 
 class AgentMetrics:

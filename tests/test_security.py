@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -14,8 +13,15 @@ from safetensors.torch import load_file
 from tests.conftest import free_port, generate, require_command, start_broker
 
 
-def mosquitto_pub(broker, *args: str, user: str | None = "edgeai-client", port: int | None = None):
-    credentials = ["-u", user, "-P", broker.password(user)] if user else []
+def mosquitto_pub(
+    broker,
+    *args: str,
+    user: str | None = "edgeai-client",
+    password: str | None = None,
+    port: int | None = None,
+):
+    """Run mosquitto_pub as a user would; ``user=None`` connects anonymously."""
+    credentials = ["-u", user, "-P", password or broker.password(user)] if user else []
     return subprocess.run(
         [
             require_command("mosquitto_pub"),
@@ -49,27 +55,7 @@ def test_anonymous_clients_are_refused(broker):
 
 
 def test_a_wrong_password_is_refused(broker):
-    refused = subprocess.run(
-        [
-            require_command("mosquitto_pub"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(broker.port),
-            "-u",
-            "edgeai-client",
-            "-P",
-            "wrong",
-            "-t",
-            "edgeai/x/generate",
-            "-m",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    refused = mosquitto_pub(broker, "-t", "edgeai/x/generate", "-m", "x", password="wrong")
     assert refused.returncode != 0
 
 
@@ -184,57 +170,17 @@ def test_tls_listener_with_client_certificates(tmp_path, certificates, make_agen
         assert generate(client, agent)["status"] == "ok"
         client.close()
         # Without a client certificate the TLS listener refuses the connection.
-        refused = subprocess.run(
-            [
-                require_command("mosquitto_pub"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(tls_port),
-                "--cafile",
-                str(certificates / "ca.crt"),
-                "-u",
-                "edgeai-client",
-                "-P",
-                broker.password("edgeai-client"),
-                "-t",
-                f"{agent.base}/generate",
-                "-m",
-                json.dumps({"prompt": "x"}),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        ca = ["--cafile", str(certificates / "ca.crt")]
+        topic = ["-t", f"{agent.base}/generate", "-m", "x"]
+        refused = mosquitto_pub(broker, *ca, *topic, port=tls_port)
         assert refused.returncode != 0
-        with_certificate = subprocess.run(
-            [
-                require_command("mosquitto_pub"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(tls_port),
-                "--cafile",
-                str(certificates / "ca.crt"),
-                "--cert",
-                str(certificates / "client.crt"),
-                "--key",
-                str(certificates / "client.key"),
-                "-u",
-                "edgeai-client",
-                "-P",
-                broker.password("edgeai-client"),
-                "-t",
-                f"{agent.base}/generate",
-                "-m",
-                "x",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        client_certificate = [
+            "--cert",
+            str(certificates / "client.crt"),
+            "--key",
+            str(certificates / "client.key"),
+        ]
+        with_certificate = mosquitto_pub(broker, *ca, *client_certificate, *topic, port=tls_port)
         assert with_certificate.returncode == 0, with_certificate.stderr
     finally:
         broker.stop()
