@@ -35,7 +35,7 @@ from agent.runner import Job, Runner
 from agent.thermal import ThermalGuard
 from agent.topics import Topics
 from agent.web import WebApi
-from agent.worker import WorkerConfig
+from agent.worker import PipelineOptions, WorkerConfig
 from agent.worker_link import WorkerLink, WorkerStatus
 
 if TYPE_CHECKING:
@@ -127,10 +127,17 @@ class Agent:
         self.outbox = outbox
         self.worker = WorkerLink(
             WorkerConfig(
-                model=settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                threads=settings.torch_threads,
+                pipeline=PipelineOptions(
+                    model=settings.model,
+                    device=settings.device,
+                    dtype=settings.dtype,
+                    threads=settings.torch_threads,
+                    tiny_vae=settings.tiny_vae,
+                    half_weights=settings.half_weights,
+                    channels_last=settings.channels_last,
+                    warmup=settings.warmup,
+                    prompt_cache_size=settings.prompt_cache_size,
+                ),
                 jpeg_quality=settings.jpeg_quality,
                 log_level=settings.log_level,
             ),
@@ -544,12 +551,16 @@ class Agent:
         loaded = self.worker.loaded
         if self.worker.status is WorkerStatus.READY and loaded is not None:
             self.metrics.model_load_seconds.set(loaded.load_seconds)
+            self.metrics.warmup_seconds.set(loaded.warmup_seconds)
+            if loaded.warmup_seconds:
+                self.metrics.warmups.inc()
             self.metrics.model.info(
                 {
                     "model": loaded.model,
                     "device": loaded.device,
                     "dtype": loaded.dtype,
                     "pipeline": loaded.pipeline_class,
+                    "levers": loaded.levers,
                 }
             )
         self._state_changed.set()

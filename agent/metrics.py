@@ -137,6 +137,21 @@ class AgentMetrics:
             "Time the worker took to load the model, last load.",
             registry=registry,
         )
+        self.warmup_seconds = Gauge(
+            "edgeai_model_warmup_seconds",
+            "Time the warm-up generation took at the last load.",
+            registry=registry,
+        )
+        self.warmups = Counter(
+            "edgeai_model_warmups",
+            "Warm-up generations run (one per model load).",
+            registry=registry,
+        )
+        self.prompt_cache_hits = Counter(
+            "edgeai_prompt_cache_hits",
+            "Jobs whose prompt embeddings came from the cache (text encoders skipped).",
+            registry=registry,
+        )
         self.model = Info(
             "edgeai_model", "The model, device and precision in use.", registry=registry
         )

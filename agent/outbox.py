@@ -164,6 +164,8 @@ class Outbox:
             "image": self._image_field(spec, encoded),
         }
         self._metrics.generation_seconds.observe(generation)
+        if stages.get("prompt_cache_hit"):
+            self._metrics.prompt_cache_hits.inc()
         for stage in ("text_encoding", "denoising", "decoding", "image_encoding"):
             self._metrics.stage_seconds.labels(stage=stage).observe(stages[stage])
         self._metrics.job_seconds.observe(latency)

@@ -1,19 +1,27 @@
-"""The diffusers pipeline: loading, device and precision, and one generation with its timings.
+"""The diffusers pipeline: loading, device and precision, the speed levers, one generation.
 
-Only the worker process imports this module, so only the worker imports torch.
+Only the worker process imports this module, so only the worker imports torch. The levers
+(each a setting, each measured by ``tests/bench/pipeline.py``): a tiny decoder (TAESDXL) instead
+of the full VAE, bfloat16 where the CPU computes it natively, channels_last, half-precision weight
+storage where memory is short, a warm-up at load, and a prompt-embedding cache.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import diffusers
 import torch
 import transformers
-from diffusers import AutoPipelineForText2Image
+from diffusers import AutoencoderTiny, AutoPipelineForText2Image
+
+from agent.worker import PipelineOptions  # noqa: TC001 - read at run time
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -23,6 +31,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU features that make bfloat16 matrix maths several times faster than float32."""
+HALF_WEIGHTS_BELOW_BYTES = 16 * 2**30
+"""float32 SDXL holds 13.4 GB after load and peaks near 18 GB: below 16 GiB, store weights in
+half precision."""
+WARMUP_SIZE = 256
 
 
 class JobCancelledError(Exception):
@@ -36,11 +50,34 @@ def choose_device(setting: str) -> str:
     return setting
 
 
-def choose_dtype(setting: str, device: str) -> torch.dtype:
-    """Return the precision: ``auto`` means float16 on cuda and float32 on cpu."""
-    if setting == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return _DTYPES[setting]
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Return whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = cpuinfo.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in BF16_CPU_FLAGS)
+
+
+def choose_dtype(setting: str, device: str, *, bf16_cpu: bool | None = None) -> torch.dtype:
+    """Return the precision: auto is float16 on cuda, bfloat16 on a CPU with it, else float32."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device == "cuda":
+        return torch.float16
+    return torch.bfloat16 if (cpu_has_bf16() if bf16_cpu is None else bf16_cpu) else torch.float32
+
+
+def memory_bytes() -> int:
+    """Return the machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def use_half_weights(setting: str, device: str, dtype: torch.dtype) -> bool:
+    """Return whether to store UNet and VAE weights in float16 while computing in float32."""
+    if setting != "auto":
+        return setting == "on"
+    return device == "cpu" and dtype == torch.float32 and memory_bytes() < HALF_WEIGHTS_BELOW_BYTES
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -55,6 +92,7 @@ class GenerationTimings:
     text_encoding: float = 0.0
     denoising: float = 0.0
     decoding: float = 0.0
+    prompt_cache_hit: bool = False
     marks: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
@@ -63,6 +101,7 @@ class GenerationTimings:
             "text_encoding": self.text_encoding,
             "denoising": self.denoising,
             "decoding": self.decoding,
+            "prompt_cache_hit": float(self.prompt_cache_hit),
         }
 
 
@@ -75,52 +114,134 @@ class LoadedModel:
     dtype: str
     pipeline_class: str
     load_seconds: float
+    warmup_seconds: float
+    levers: str
+
+
+class PromptCache:
+    """A bounded LRU of prompt embeddings, in front of the pipeline's ``encode_prompt``."""
+
+    KEYS = (
+        "prompt",
+        "prompt_2",
+        "negative_prompt",
+        "negative_prompt_2",
+        "do_classifier_free_guidance",
+        "num_images_per_prompt",
+        "clip_skip",
+    )
+
+    def __init__(self, encode: Callable[..., Any], size: int) -> None:
+        """Wrap ``encode`` with a cache of ``size`` entries."""
+        self._encode = encode
+        self._size = size
+        self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self.hits = 0
+        self.last_hit = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - encode_prompt's own
+        """Return cached embeddings for a prompt seen before, else encode and remember them."""
+        given_embeddings = any(
+            kwargs.get(name) is not None for name in kwargs if name.endswith("_embeds")
+        )
+        if args or given_embeddings or self._size == 0:
+            self.last_hit = False
+            return self._encode(*args, **kwargs)
+        key = tuple(kwargs.get(name) for name in self.KEYS)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            self.last_hit = True
+            return self._entries[key]
+        self.last_hit = False
+        result = self._encode(**kwargs)
+        self._entries[key] = result
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return result
 
 
 class Text2Image:
     """A text-to-image pipeline loaded once, generating one image per call."""
 
-    def __init__(self, model: str, device: str, dtype: str, threads: int) -> None:
-        """Load the pipeline.
+    def __init__(self, options: PipelineOptions) -> None:
+        """Load the pipeline, apply the levers, and warm it up.
 
         Args:
-            model: Hub id or local folder.
-            device: ``auto``, ``cpu`` or ``cuda``.
-            dtype: ``auto`` or a dtype name.
-            threads: CPU threads for torch; 0 leaves torch's default (every core).
+            options: What to load and how.
         """
         # Progress bars are for terminals; the agent reports progress on MQTT instead.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-        if threads > 0:
-            torch.set_num_threads(threads)
+        if options.threads > 0:
+            torch.set_num_threads(options.threads)
         started = time.perf_counter()
-        self.device = choose_device(device)
-        self.dtype = choose_dtype(dtype, self.device)
+        self.device = choose_device(options.device)
+        self.dtype = choose_dtype(options.dtype, self.device)
+        half_weights = use_half_weights(options.half_weights, self.device, self.dtype)
+        extra: dict[str, Any] = {}
+        levers = [dtype_name(self.dtype)]
+        if options.tiny_vae:
+            # Loaded first and handed in, so the full VAE is never loaded at all.
+            extra["vae"] = AutoencoderTiny.from_pretrained(
+                options.tiny_vae, torch_dtype=self.dtype, use_safetensors=True
+            )
+            levers.append("tiny-vae")
         # safetensors only and no remote code: a model folder can never run code of its own.
         self._pipeline: Any = AutoPipelineForText2Image.from_pretrained(
-            model, dtype=self.dtype, use_safetensors=True, trust_remote_code=False
+            options.model, dtype=self.dtype, use_safetensors=True, trust_remote_code=False, **extra
         )
         self._pipeline.to(self.device)
         self._pipeline.set_progress_bar_config(disable=True)
+        if options.channels_last:
+            self._pipeline.unet.to(memory_format=torch.channels_last)
+            self._pipeline.vae.to(memory_format=torch.channels_last)
+            levers.append("channels-last")
+        if half_weights:
+            for module in (self._pipeline.unet, self._pipeline.vae):
+                module.enable_layerwise_casting(
+                    storage_dtype=torch.float16, compute_dtype=self.dtype
+                )
+            levers.append("half-weights")
         self._timings = GenerationTimings()
-        encode_prompt = self._pipeline.encode_prompt
+        self.prompt_cache = PromptCache(self._pipeline.encode_prompt, options.prompt_cache_size)
 
         def timed_encode_prompt(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - pass-through
             begun = time.perf_counter()
-            result = encode_prompt(*args, **kwargs)
+            result = self.prompt_cache(*args, **kwargs)
             self._timings.text_encoding += time.perf_counter() - begun
+            self._timings.prompt_cache_hit = self.prompt_cache.last_hit
             return result
 
-        # The pipeline calls self.encode_prompt, so an instance attribute times it in place.
+        # The pipeline calls self.encode_prompt, so an instance attribute wraps it in place.
         self._pipeline.encode_prompt = timed_encode_prompt
+        load_seconds = time.perf_counter() - started
+        warmup_seconds = self._warm_up() if options.warmup else 0.0
         self.loaded = LoadedModel(
-            model=model,
+            model=options.model,
             device=self.device,
             dtype=dtype_name(self.dtype),
             pipeline_class=type(self._pipeline).__name__,
-            load_seconds=time.perf_counter() - started,
+            load_seconds=load_seconds,
+            warmup_seconds=warmup_seconds,
+            levers=",".join(levers),
         )
+
+    def _warm_up(self) -> float:
+        """Run one small generation: the first call pays for allocations and kernel choices."""
+        begun = time.perf_counter()
+        self.generate(
+            prompt="warm-up",
+            negative_prompt=None,
+            width=WARMUP_SIZE,
+            height=WARMUP_SIZE,
+            steps=1,
+            guidance_scale=0.0,
+            seed=0,
+            on_step=lambda _step, _steps: None,
+            cancelled=lambda: False,
+        )
+        return time.perf_counter() - begun
 
     def generate(  # noqa: PLR0913 - the request's own fields
         self,

@@ -216,9 +216,10 @@ class Runner:
         begun = time.monotonic()
         body, encoded = await self._outbox.result(spec, finished, job.received, queue_wait)
         await self._journal.finish(spec.id, self._outbox.stored(body))
+        # The latest-image topics first: a client that gets the result finds them updated.
+        self._outbox.latest(spec, body, encoded)
         self._confirm(spec, self._outbox.reply(spec, body))
         self._outbox.job_event(spec.id, "done", latency_s=body["latency_s"])
-        self._outbox.latest(spec, body, encoded)
         self._outbox.observe_publishing(time.monotonic() - begun)
         self._metrics.jobs.labels(status="done").inc()
         self.last_latency_s = body["latency_s"]

@@ -125,7 +125,32 @@ class Settings(BaseSettings):
         default="auto", description="Where the model runs: auto picks cuda when present."
     )
     dtype: DType = Field(
-        default="auto", description="Precision: auto is float16 on cuda, float32 on cpu."
+        default="auto",
+        description="Precision: auto is float16 on cuda, bfloat16 on a CPU with AVX512-BF16 or "
+        "AMX, float32 on other CPUs (a Raspberry Pi).",
+    )
+    tiny_vae: str = Field(
+        default="madebyollin/taesdxl",
+        description="Hub id or folder of a tiny decoder (AutoencoderTiny, TAESDXL) used instead "
+        "of the model's VAE: decoding is many times faster; empty uses the model's VAE.",
+    )
+    half_weights: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Keep UNet and VAE weights in float16 and compute in float32 (diffusers' "
+        "layerwise casting), halving their memory at some speed; auto: on when float32 runs on "
+        "a CPU with less than 16 GiB of memory.",
+    )
+    channels_last: bool = Field(
+        default=True, description="Run the UNet and the decoder in channels_last memory format."
+    )
+    warmup: bool = Field(
+        default=True, description="Generate one small image at load so the first job is fast."
+    )
+    prompt_cache_size: int = Field(
+        default=16,
+        ge=0,
+        le=1024,
+        description="Prompt embeddings kept (LRU): a repeated prompt skips the text encoders.",
     )
     torch_threads: int = Field(
         default=0, ge=0, le=256, description="CPU threads for torch; 0 uses every core."

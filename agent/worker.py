@@ -26,13 +26,25 @@ _PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
+class PipelineOptions:
+    """How to load and run the pipeline (the worker's share of the settings)."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0
+    tiny_vae: str = ""
+    half_weights: str = "auto"
+    channels_last: bool = True
+    warmup: bool = True
+    prompt_cache_size: int = 16
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """What the worker needs to load the model and encode images."""
 
-    model: str
-    device: str
-    dtype: str
-    threads: int
+    pipeline: PipelineOptions
     jpeg_quality: int
     log_level: str = "INFO"
 
@@ -46,6 +58,8 @@ class Ready:
     dtype: str
     pipeline_class: str
     load_seconds: float
+    warmup_seconds: float
+    levers: str
 
 
 @dataclass(frozen=True)
@@ -108,14 +122,19 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
     from agent.pipeline import JobCancelledError, Text2Image  # noqa: PLC0415
 
     try:
-        model = Text2Image(config.model, config.device, config.dtype, config.threads)
+        model = Text2Image(config.pipeline)
     except Exception as exc:
         log.exception("model load failed")
         connection.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     connection.send(Ready(**vars(model.loaded)))
     log.info(
-        "model %s loaded on %s in %.1f s", config.model, model.device, model.loaded.load_seconds
+        "model %s loaded on %s (%s) in %.1f s, warm-up %.1f s",
+        config.pipeline.model,
+        model.device,
+        model.loaded.levers,
+        model.loaded.load_seconds,
+        model.loaded.warmup_seconds,
     )
     while True:
         try:

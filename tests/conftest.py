@@ -43,7 +43,10 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight SDXL pipeline in the hub's folder layout."""
+    """A tiny random-weight SDXL pipeline in the hub's folder layout, with a tiny TAESD beside.
+
+    The agent decodes with the tiny TAESD, as it does with TAESDXL by default.
+    """
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
@@ -151,6 +154,7 @@ class AgentProcess:
                 "EDGEAI_MQTT_USERNAME": "edgeai-agent",
                 "EDGEAI_MQTT_PASSWORD_FILE": str(self.broker.password_file("edgeai-agent")),
                 "EDGEAI_MODEL": str(self.model),
+                "EDGEAI_TINY_VAE": str(self.model / "taesd"),
                 "EDGEAI_STATE_DIR": str(self.state_dir),
                 "EDGEAI_HTTP_HOST": "127.0.0.1",
                 "EDGEAI_HTTP_PORT": str(self.http_port),

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from agent.pipeline import cpu_has_bf16
 from tests.conftest import generate, require_command
 
 
@@ -48,7 +49,12 @@ def test_metrics_pass_promtool_and_count_jobs(shared_agent, client):
     assert "edgeai_queue_depth 0.0" in text
     assert "edgeai_mqtt_connected 1.0" in text
     assert re.search(r"^edgeai_model_load_seconds [0-9.]+$", text, re.MULTILINE)
-    assert 'edgeai_model_info{device="cpu",dtype="float32"' in text
+    # auto precision: bfloat16 where the CPU computes it natively, float32 elsewhere (a Pi).
+    expected = "bfloat16" if cpu_has_bf16() else "float32"
+    assert f'edgeai_model_info{{device="cpu",dtype="{expected}"' in text
+    assert 'levers="' in text
+    assert "tiny-vae" in text
+    assert "edgeai_model_warmups_total 1.0" in text  # once, at load, not per job
     shared_agent.wait_metric('edgeai_state{edgeai_state="idle"} 1.0')
     assert 'le="600.0"' in text  # latency buckets reach ten minutes
 

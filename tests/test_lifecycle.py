@@ -154,13 +154,13 @@ def test_image_folder_keeps_to_its_limits(broker, make_agent):
     client.close()
 
 
-def test_temperature_throttling_and_bfloat16(broker, make_agent, tmp_path):
+def test_temperature_throttling_and_forced_float32(broker, make_agent, tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     vcgencmd = fake_bin / "vcgencmd"
     vcgencmd.write_text("#!/bin/sh\necho throttled=0x50005\n")
     vcgencmd.chmod(vcgencmd.stat().st_mode | stat.S_IEXEC)
-    agent = make_agent(broker, start=False, EDGEAI_VCGENCMD=str(vcgencmd), EDGEAI_DTYPE="bfloat16")
+    agent = make_agent(broker, start=False, EDGEAI_VCGENCMD=str(vcgencmd), EDGEAI_DTYPE="float32")
     zone = agent.state_dir / "thermal" / "thermal_zone0"
     zone.mkdir(parents=True)
     (zone / "temp").write_text("61234\n")
@@ -172,7 +172,7 @@ def test_temperature_throttling_and_bfloat16(broker, make_agent, tmp_path):
     assert 'edgeai_throttled{flag="arm_frequency_capped"} 0.0' in metrics
     assert 'edgeai_throttled_since_boot{flag="under_voltage"} 1.0' in metrics
     assert 'edgeai_throttled_since_boot{flag="throttled"} 1.0' in metrics
-    assert 'dtype="bfloat16"' in metrics
+    assert 'dtype="float32"' in metrics  # the setting overrides the automatic choice
     state = agent.wait_state("idle")
     assert state["temperature_c"] == 61.234
     assert state["throttled"] is True

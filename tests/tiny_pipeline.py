@@ -62,7 +62,8 @@ def build_tiny_pipeline(folder: Path, unet_channels: tuple[int, int] = (8, 16)) 
     """Write a tiny random-weight SDXL pipeline to ``folder`` and return the folder.
 
     Args:
-        folder: Where the pipeline goes; created if missing.
+        folder: Where the pipeline goes; created if missing. A tiny TAESD goes to its
+            ``taesd`` sub-folder.
         unet_channels: The UNet's two block widths; wider is slower (for a slow agent in tests).
 
     Returns:
@@ -146,6 +147,25 @@ def build_tiny_pipeline(folder: Path, unet_channels: tuple[int, int] = (8, 16)) 
         scheduler=scheduler,
     )
     pipeline.save_pretrained(str(folder), safe_serialization=True)
+    # A tiny TAESD beside it: the agent decodes with TAESDXL by default.
+    build_tiny_taesd(folder / "taesd")
+    return folder
+
+
+def build_tiny_taesd(folder: Path) -> Path:
+    """Write a tiny random-weight AutoencoderTiny (TAESDXL's class, scale 8) to ``folder``."""
+    import torch  # noqa: PLC0415 - heavy import kept local
+    from diffusers import AutoencoderTiny  # noqa: PLC0415
+
+    torch.manual_seed(1)
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(4, 4, 4, 4),
+        decoder_block_out_channels=(4, 4, 4, 4),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    decoder.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 

@@ -1,0 +1,288 @@
+"""Benchmark the generation path on SDXL-Turbo's real architecture with random weights.
+
+Random weights cost exactly what the real ones cost. The first run builds the model once from
+``../shared/sdxl-turbo-config/`` (float16 safetensors in the hub's layout, so loading is measured
+too; the CLIP vocabulary is rebuilt from the BPE file that the ``open_clip_torch`` wheel ships)
+and caches it in ``~/.cache/edgeai-bench`` (``EDGEAI_BENCH_CACHE``). Then each case runs in a
+fresh process:
+
+  (a) the seed app: AutoPipelineForText2Image, float32, 800x800, 10 steps, default guidance
+  (b) plain diffusers at SDXL-Turbo's reference: 512x512, 1 step, guidance 0, float32
+  (c) the agent's generation path with its default settings
+  (d) the agent's path forced to float32 (a Raspberry Pi has no bfloat16)
+
+It prints time per stage, total, peak RSS and load time per case, then the ratios (a)/(c),
+(b)/(c) and (b)/(d), as a markdown table and as JSON.
+
+    .venv/bin/python tests/bench/pipeline.py            # every case
+    .venv/bin/python tests/bench/pipeline.py --cases bcd
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = ROOT.parent / "shared" / "sdxl-turbo-config"
+CACHE = Path(os.environ.get("EDGEAI_BENCH_CACHE", Path.home() / ".cache" / "edgeai-bench"))
+MODEL = CACHE / "sdxl-turbo-random"
+TAESDXL = CACHE / "taesdxl-random"
+OPEN_CLIP = "open_clip_torch==3.3.0"
+BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+PROMPT = "a happy black dog, cartoon style, highly detailed"
+CASES = {
+    "a": "seed app: float32, 800x800, 10 steps, guidance 5.0",
+    "b": "plain diffusers: float32, 512x512, 1 step, guidance 0",
+    "c": "agent, default settings: 512x512, 1 step",
+    "d": "agent forced to float32: 512x512, 1 step",
+}
+
+
+# --- building the random-weight model -----------------------------------------------------
+def clip_vocabulary(folder: Path) -> None:
+    """Write CLIP's vocab.json and merges.txt, rebuilt from open_clip's BPE file."""
+    from tests.tiny_pipeline import _bytes_to_unicode  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as download:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", download, OPEN_CLIP],
+            check=True,
+        )
+        wheel = next(Path(download).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            text = gzip.decompress(archive.read(BPE_MEMBER)).decode("utf-8")
+    merges = text.split("\n")[1 : 49152 - 256 - 2 + 1]
+    characters = _bytes_to_unicode()
+    tokens = characters + [c + "</w>" for c in characters] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def build_model() -> None:
+    """Build SDXL-Turbo's architecture with random weights; save it as float16 safetensors."""
+    import torch  # noqa: PLC0415
+    from diffusers import (  # noqa: PLC0415
+        AutoencoderKL,
+        AutoencoderTiny,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (  # noqa: PLC0415
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    for name in ("tokenizer", "tokenizer_2"):
+        clip_vocabulary(MODEL / name)
+        for config in ("tokenizer_config.json", "special_tokens_map.json"):
+            (MODEL / name / config).write_bytes((CONFIGS / name / config).read_bytes())
+    components = {
+        "unet": UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(CONFIGS / "unet")
+        ),
+        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "vae")),
+        "text_encoder": CLIPTextModel(
+            CLIPTextConfig.from_json_file(CONFIGS / "text_encoder" / "config.json")
+        ),
+        "text_encoder_2": CLIPTextModelWithProjection(
+            CLIPTextConfig.from_json_file(CONFIGS / "text_encoder_2" / "config.json")
+        ),
+        "scheduler": EulerAncestralDiscreteScheduler.from_config(
+            EulerAncestralDiscreteScheduler.load_config(CONFIGS / "scheduler")
+        ),
+        "tokenizer": CLIPTokenizer.from_pretrained(MODEL / "tokenizer"),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(MODEL / "tokenizer_2"),
+    }
+    pipeline = StableDiffusionXLPipeline(**components).to(torch.float16)
+    pipeline.save_pretrained(MODEL, safe_serialization=True)
+    taesd = AutoencoderTiny.from_config(AutoencoderTiny.load_config(CONFIGS / "taesdxl")).to(
+        torch.float16
+    )
+    taesd.save_pretrained(TAESDXL, safe_serialization=True)
+    print(f"built the random-weight model in {time.perf_counter() - started:.0f} s: {MODEL}")
+
+
+# --- one case, in its own process ---------------------------------------------------------
+def peak_rss_gb() -> float:
+    """Return this process's peak resident memory in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def png_seconds(image: object) -> float:
+    begun = time.perf_counter()
+    image.save(io.BytesIO(), format="PNG")  # type: ignore[attr-defined]
+    return time.perf_counter() - begun
+
+
+def run_plain(case: str) -> dict[str, object]:
+    """Cases (a) and (b): diffusers as the seed app used it, timed from outside."""
+    import torch  # noqa: PLC0415
+    from diffusers import AutoPipelineForText2Image  # noqa: PLC0415
+
+    begun = time.perf_counter()
+    pipeline = AutoPipelineForText2Image.from_pretrained(MODEL, torch_dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - begun
+    stages = {"text_encoders": 0.0, "decode": 0.0}
+    encode, decode = pipeline.encode_prompt, pipeline.vae.decode
+
+    def timed(stage: str, call):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = call(*args, **kwargs)
+            stages[stage] += time.perf_counter() - start
+            return result
+
+        return wrapper
+
+    pipeline.encode_prompt = timed("text_encoders", encode)
+    pipeline.vae.decode = timed("decode", decode)
+    arguments = (
+        {"width": 800, "height": 800, "num_inference_steps": 10}
+        if case == "a"
+        else {"width": 512, "height": 512, "num_inference_steps": 1, "guidance_scale": 0.0}
+    )
+    runs = 1 if case == "a" else 2  # (b) is timed warm, like the agent after its warm-up
+    for _ in range(runs):
+        stages = {"text_encoders": 0.0, "decode": 0.0}
+        begun = time.perf_counter()
+        image = pipeline(
+            prompt=PROMPT, generator=torch.Generator().manual_seed(0), **arguments
+        ).images[0]
+        total = time.perf_counter() - begun
+    encoding = png_seconds(image)
+    return {
+        "load_s": load,
+        "text_encoders_s": stages["text_encoders"],
+        "denoise_s": total - stages["text_encoders"] - stages["decode"],
+        "decode_s": stages["decode"],
+        "image_encoding_s": encoding,
+        "total_s": total + encoding,
+    }
+
+
+def run_agent(case: str) -> dict[str, object]:
+    """Cases (c) and (d): the agent's own generation path."""
+    from agent.pipeline import Text2Image  # noqa: PLC0415
+    from agent.settings import Settings  # noqa: PLC0415
+    from agent.worker import PipelineOptions  # noqa: PLC0415
+
+    settings = Settings(node_id="bench")
+    options = PipelineOptions(
+        model=str(MODEL),
+        device=settings.device,
+        dtype="float32" if case == "d" else settings.dtype,
+        threads=settings.torch_threads,
+        tiny_vae=str(TAESDXL),
+        half_weights=settings.half_weights,
+        channels_last=settings.channels_last,
+        warmup=settings.warmup,
+        prompt_cache_size=settings.prompt_cache_size,
+    )
+    begun = time.perf_counter()
+    model = Text2Image(options)
+    load = time.perf_counter() - begun
+    begun = time.perf_counter()
+    image, timings = model.generate(
+        prompt=PROMPT,
+        negative_prompt=None,
+        width=512,
+        height=512,
+        steps=1,
+        guidance_scale=0.0,
+        seed=0,
+        on_step=lambda _step, _steps: None,
+        cancelled=lambda: False,
+    )
+    total = time.perf_counter() - begun
+    encoding = png_seconds(image)
+    return {
+        "load_s": load,
+        "warmup_s": model.loaded.warmup_seconds,
+        "levers": model.loaded.levers,
+        "text_encoders_s": timings.text_encoding,
+        "denoise_s": timings.denoising,
+        "decode_s": timings.decoding,
+        "image_encoding_s": encoding,
+        "total_s": total + encoding,
+    }
+
+
+def run_case(case: str) -> None:
+    """Run one case in this process and print its JSON line."""
+    result = run_plain(case) if case in "ab" else run_agent(case)
+    result["peak_rss_gb"] = peak_rss_gb()
+    print("RESULT " + json.dumps(result))
+
+
+# --- the whole benchmark --------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", default="abcd")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.case:
+        run_case(arguments.case)
+        return
+    if not (MODEL / "model_index.json").exists() or not (TAESDXL / "config.json").exists():
+        build_model()
+    results: dict[str, dict[str, object]] = {}
+    for case in arguments.cases:
+        began = time.perf_counter()
+        completed = subprocess.run(
+            [sys.executable, __file__, "--case", case], capture_output=True, text=True, check=False
+        )
+        lines = [text for text in completed.stdout.splitlines() if text.startswith("RESULT ")]
+        line = lines[0] if lines else None
+        if line is None:
+            print(completed.stdout[-2000:], completed.stderr[-4000:])
+            raise SystemExit(f"case {case} failed")
+        results[case] = json.loads(line.removeprefix("RESULT "))
+        print(f"case {case} done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    print(f"\nMachine: {os.cpu_count()} CPUs; torch threads default; cases in fresh processes.\n")
+    print(
+        "| case | text encoders s | denoise s | decode s | image encoding s | total s"
+        " | peak RSS GB | load s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for case, result in results.items():
+        print(
+            f"| ({case}) {CASES[case]} | {result['text_encoders_s']:.2f}"
+            f" | {result['denoise_s']:.2f} | {result['decode_s']:.2f}"
+            f" | {result['image_encoding_s']:.3f} | {result['total_s']:.2f}"
+            f" | {result['peak_rss_gb']:.1f} | {result['load_s']:.1f} |"
+        )
+    ratios = {}
+    for top, bottom in (("a", "c"), ("b", "c"), ("b", "d")):
+        if top in results and bottom in results:
+            ratio = float(results[top]["total_s"]) / float(results[bottom]["total_s"])  # type: ignore[arg-type]
+            ratios[f"{top}/{bottom}"] = round(ratio, 2)
+            print(f"\n({top})/({bottom}) = {ratio:.2f}x", end="")
+    print("\n")
+    print(json.dumps({"cases": results, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
