@@ -75,7 +75,8 @@ def test_an_exception_in_the_pipeline_fails_the_job_not_the_worker(
     config = json.loads(config_path.read_text())
     config["model_max_length"] = 100
     config_path.write_text(json.dumps(config))
-    agent = make_agent(broker, EDGEAI_MODEL=str(broken))
+    # No warm-up: it would meet the same error at load and report the model as unusable.
+    agent = make_agent(broker, EDGEAI_MODEL=str(broken), EDGEAI_WARMUP="false")
     client = broker.client()
     pid = worker_pid(agent)
     for _ in range(2):
