@@ -127,17 +127,7 @@ class Agent:
         self.outbox = outbox
         self.worker = WorkerLink(
             WorkerConfig(
-                pipeline=PipelineOptions(
-                    model=settings.model,
-                    device=settings.device,
-                    dtype=settings.dtype,
-                    threads=settings.torch_threads,
-                    tiny_vae=settings.tiny_vae,
-                    half_weights=settings.half_weights,
-                    channels_last=settings.channels_last,
-                    warmup=settings.warmup,
-                    prompt_cache_size=settings.prompt_cache_size,
-                ),
+                pipeline=PipelineOptions.from_settings(settings),
                 jpeg_quality=settings.jpeg_quality,
                 log_level=settings.log_level,
             ),

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.synchronize import Event
 
+    from agent.settings import Settings
+
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -38,6 +40,21 @@ class PipelineOptions:
     channels_last: bool = True
     warmup: bool = True
     prompt_cache_size: int = 16
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineOptions:
+        """Return the pipeline options the settings ask for."""
+        return cls(
+            model=settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            threads=settings.torch_threads,
+            tiny_vae=settings.tiny_vae,
+            half_weights=settings.half_weights,
+            channels_last=settings.channels_last,
+            warmup=settings.warmup,
+            prompt_cache_size=settings.prompt_cache_size,
+        )
 
 
 @dataclass(frozen=True)

@@ -36,19 +36,28 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(code) for code in codes]
 
 
-def write_tokenizer(folder: Path, pad_token: str) -> None:
-    """Write a CLIP BPE tokenizer (vocab.json, merges.txt, config) with a small vocabulary."""
-    from transformers import CLIPTokenizer  # noqa: PLC0415 - heavy import kept local
+def write_bpe_files(folder: Path, merges: list[str] | tuple[str, ...]) -> None:
+    """Write CLIP's vocab.json and merges.txt for a list of BPE merges, the way CLIP builds them.
 
+    The vocabulary is every byte's stand-in, the same with ``</w>``, each merge joined, then the
+    two special tokens.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in _MERGES]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(_MERGES) + "\n", encoding="utf-8"
+        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
     )
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> None:
+    """Write a CLIP BPE tokenizer (vocab.json, merges.txt, config) with a small vocabulary."""
+    from transformers import CLIPTokenizer  # noqa: PLC0415 - heavy import kept local
+
+    write_bpe_files(folder, _MERGES)
     tokenizer = CLIPTokenizer(
         vocab=str(folder / "vocab.json"),
         merges=str(folder / "merges.txt"),

