@@ -9,6 +9,8 @@ import shutil
 import signal
 import stat
 
+import pytest
+
 from tests.conftest import generate
 
 
@@ -104,25 +106,23 @@ def test_a_model_that_cannot_load_is_reported(broker, make_agent, tmp_path):
     client.close()
 
 
-def test_sigterm_publishes_offline_and_exits_zero(broker, make_agent):
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [
+        pytest.param(signal.SIGTERM, 0, id="sigterm-agent-publishes-offline"),
+        pytest.param(signal.SIGKILL, -signal.SIGKILL, id="kill-9-broker-sends-the-last-will"),
+    ],
+)
+def test_availability_goes_offline_however_the_agent_stops(broker, make_agent, signum, exit_code):
     agent = make_agent(broker)
     client = broker.client()
     client.subscribe(f"{agent.base}/availability")
     client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"online")
-    assert agent.stop() == 0
-    client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"offline")
-    assert "Traceback" not in agent.log()
-    client.close()
-
-
-def test_kill_9_leaves_the_last_will(broker, make_agent):
-    agent = make_agent(broker)
-    client = broker.client()
-    client.subscribe(f"{agent.base}/availability")
-    client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"online")
-    agent.signal(signal.SIGKILL)
-    agent.process.wait()
+    agent.signal(signum)
+    assert agent.process.wait(60) == exit_code
     client.wait_for(f"{agent.base}/availability", lambda m: m.payload == b"offline", timeout=30)
+    if signum == signal.SIGTERM:
+        assert "Traceback" not in agent.log()
     client.close()
 
 
