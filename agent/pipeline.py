@@ -21,6 +21,7 @@ import torch
 import transformers
 from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
+from agent.weights import place_weights
 from agent.worker import PipelineOptions  # noqa: TC001 - read at run time
 
 if TYPE_CHECKING:
@@ -74,10 +75,39 @@ def memory_bytes() -> int:
 
 
 def use_half_weights(setting: str, device: str, dtype: torch.dtype) -> bool:
-    """Return whether to store UNet and VAE weights in float16 while computing in float32."""
+    """Return whether to store linear and convolution weights in float16, computing in float32."""
     if setting != "auto":
         return setting == "on"
     return device == "cpu" and dtype == torch.float32 and memory_bytes() < HALF_WEIGHTS_BELOW_BYTES
+
+
+def choose_variant(setting: str, model: str) -> str | None:
+    """Return the weight files to load: ``auto`` takes the fp16 files where the model has them.
+
+    A hub id gets ``fp16`` (SDXL-Turbo's fp16 files are half the download and load without a
+    conversion); a local folder gets it only when it holds ``*.fp16.safetensors`` files.
+    """
+    if setting != "auto":
+        return setting or None
+    folder = Path(model)
+    if not folder.is_dir():
+        return "fp16"
+    return "fp16" if any(folder.glob("*/*.fp16.safetensors")) else None
+
+
+def load_dtype(
+    device: str, dtype: torch.dtype, *, variant: str | None, half_weights: bool
+) -> torch.dtype:
+    """Return the precision to load in: on a CPU, float16 when the weights end in 16 bits.
+
+    Loading in the checkpoint's own precision maps the files without a copy, and
+    :func:`agent.weights.place_weights` then converts one tensor at a time: the peak is the final
+    model, not the final model plus the whole checkpoint. A float32 model from full-precision
+    files is loaded as float32, so it loses nothing.
+    """
+    if device == "cpu" and (half_weights or dtype != torch.float32 or variant == "fp16"):
+        return torch.float16
+    return dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -187,22 +217,29 @@ class Text2Image:
                 options.tiny_vae, torch_dtype=self.dtype, use_safetensors=True
             )
             levers.append("tiny-vae")
+        variant = choose_variant(options.variant, options.model)
         # safetensors only and no remote code: a model folder can never run code of its own.
         self._pipeline: Any = AutoPipelineForText2Image.from_pretrained(
-            options.model, dtype=self.dtype, use_safetensors=True, trust_remote_code=False, **extra
+            options.model,
+            dtype=load_dtype(self.device, self.dtype, variant=variant, half_weights=half_weights),
+            variant=variant,
+            use_safetensors=True,
+            trust_remote_code=False,
+            **extra,
         )
-        self._pipeline.to(self.device)
+        if self.device != "cpu":
+            # Loading lands on the CPU; moving there again would only warn about float16.
+            self._pipeline.to(self.device)
+        for component in self._pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                place_weights(component, self.dtype, half_storage=half_weights)
+        if half_weights:
+            levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)
         if options.channels_last:
             self._pipeline.unet.to(memory_format=torch.channels_last)
             self._pipeline.vae.to(memory_format=torch.channels_last)
             levers.append("channels-last")
-        if half_weights:
-            for module in (self._pipeline.unet, self._pipeline.vae):
-                module.enable_layerwise_casting(
-                    storage_dtype=torch.float16, compute_dtype=self.dtype
-                )
-            levers.append("half-weights")
         self._timings = GenerationTimings()
         self.prompt_cache = PromptCache(self._pipeline.encode_prompt, options.prompt_cache_size)
 

@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         default="stabilityai/sdxl-turbo",
         description="Hugging Face hub id or local folder of the text-to-image pipeline.",
     )
+    model_variant: str = Field(
+        default="auto",
+        pattern=r"^[A-Za-z0-9_-]*$",
+        description="Weight files to load (diffusers' variant): auto takes the fp16 files of a "
+        "hub model, and of a local folder that has them; empty takes the default files.",
+    )
     device: Device = Field(
         default="auto", description="Where the model runs: auto picks cuda when present."
     )
@@ -136,9 +142,9 @@ class Settings(BaseSettings):
     )
     half_weights: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="Keep UNet and VAE weights in float16 and compute in float32 (diffusers' "
-        "layerwise casting), halving their memory at some speed; auto: on when float32 runs on "
-        "a CPU with less than 16 GiB of memory.",
+        description="Keep the weights of linear and convolution layers in float16 and compute "
+        "in float32 (each layer upcast while it runs), halving the model's memory at some speed; "
+        "auto: on when float32 runs on a CPU with less than 16 GiB of memory.",
     )
     channels_last: bool = Field(
         default=True, description="Run the UNet and the decoder in channels_last memory format."

@@ -35,6 +35,7 @@ class PipelineOptions:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
+    variant: str = "auto"
     tiny_vae: str = ""
     half_weights: str = "auto"
     channels_last: bool = True
@@ -49,6 +50,7 @@ class PipelineOptions:
             device=settings.device,
             dtype=settings.dtype,
             threads=settings.torch_threads,
+            variant=settings.model_variant,
             tiny_vae=settings.tiny_vae,
             half_weights=settings.half_weights,
             channels_last=settings.channels_last,

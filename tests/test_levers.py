@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from diffusers import AutoPipelineForText2Image
+from safetensors.torch import load_file, save_file
 
 from agent.images import encode_image
-from agent.pipeline import Text2Image, choose_dtype, cpu_has_bf16, use_half_weights
+from agent.pipeline import Text2Image, choose_dtype, choose_variant, cpu_has_bf16, use_half_weights
+from agent.weights import HALF_STORED_LAYERS, checkpoint_mappings, settle_weights
 from agent.worker import PipelineOptions
 
 
@@ -83,17 +89,95 @@ def test_float32_and_bfloat16_both_run(options, dtype):
 
 
 def test_half_weights_store_in_float16_and_compute_in_float32(options):
+    full, _ = generate(Text2Image(PipelineOptions(**{**vars(options), "dtype": "float32"})))
     model = Text2Image(
         PipelineOptions(**{**vars(options), "dtype": "float32", "half_weights": "on"})
     )
     assert "half-weights" in model.loaded.levers
-    sizes: dict[torch.dtype, int] = {}
-    for parameter in model._pipeline.unet.parameters():
-        sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
-    # Convolutions and linear layers are stored in half; norms stay in float32, as diffusers does.
-    assert sizes[torch.float16] > 0.9 * sum(sizes.values())
+    pipeline = model._pipeline
+    for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2):
+        for layer in component.modules():
+            kept = {weight.dtype for weight in layer.parameters(recurse=False)}
+            if isinstance(layer, HALF_STORED_LAYERS):
+                assert kept == {torch.float16}, layer
+            elif kept:  # norms and embeddings compute in float32 without casting
+                assert kept == {torch.float32}, layer
+    # The pipeline casts prompt embeddings to the encoder's reported precision: float32.
+    assert pipeline.text_encoder_2.dtype == torch.float32
     image, _ = generate(model)
     assert image.size == (512, 512)
+    # Weights rounded to float16, maths in float32: nearly the float32 image.
+    difference = np.abs(np.asarray(image, "f4") - np.asarray(full, "f4"))
+    assert difference.mean() < 2.0
+    # After a generation the float16 weights are back in place (no float32 copy kept).
+    assert {
+        layer.weight.dtype
+        for layer in pipeline.unet.modules()
+        if isinstance(layer, torch.nn.Linear)
+    } == {torch.float16}
+
+
+def test_the_fp16_files_are_chosen_and_loaded(options, tiny_model, tmp_path):
+    folder = tmp_path / "fp16-model"
+    AutoPipelineForText2Image.from_pretrained(tiny_model, dtype=torch.float16).save_pretrained(
+        folder, variant="fp16"
+    )
+    assert list(folder.glob("unet/*.safetensors")) == [
+        folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    ]
+    assert choose_variant("auto", str(folder)) == "fp16"
+    assert choose_variant("auto", str(tiny_model)) is None  # a folder without fp16 files
+    assert choose_variant("auto", "stabilityai/sdxl-turbo") == "fp16"  # a hub id
+    assert choose_variant("", "stabilityai/sdxl-turbo") is None
+    with pytest.raises((OSError, ValueError)):  # without the variant, there is nothing to load
+        Text2Image(PipelineOptions(**{**vars(options), "model": str(folder), "variant": ""}))
+    model = Text2Image(PipelineOptions(**{**vars(options), "model": str(folder)}))
+    image, _ = generate(model)
+    assert image.size == (512, 512)
+
+
+def test_no_weight_is_left_in_the_mapped_checkpoint(options):
+    model = Text2Image(PipelineOptions(**{**vars(options), "dtype": "bfloat16"}))
+    mappings = checkpoint_mappings()
+    for component in model._pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            for weight in component.parameters():
+                start = weight.data_ptr()
+                assert not any(low <= start < high for low, high in mappings)
+
+
+def mapped_kib(path) -> int:
+    """Return the resident KiB of ``path``'s mappings in this process (from smaps)."""
+    resident, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return resident
+
+
+def test_settling_copies_weights_out_and_hands_the_file_pages_back(tmp_path):
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.LayerNorm(1024))
+    path = tmp_path / "layers.safetensors"
+    save_file({k: v.half() for k, v in layers.state_dict().items()}, path)
+    # Mapped, as from_pretrained maps a checkpoint. Keeping the dict alive stands for the rest
+    # of a big file still in use: the mapping outlives the tensors already converted.
+    loaded = load_file(path)
+    layers.load_state_dict(loaded, assign=True)
+    expected = layers[0].weight.detach().float()
+    assert float(expected.sum()) != 0  # read every page of the weight
+    assert mapped_kib(path) >= 1024  # the 1 MiB float16 weight is resident, file-backed
+
+    released = settle_weights(layers, torch.float32)
+
+    assert released >= 1024 * 1024 - 2 * 4096
+    assert mapped_kib(path) < 64  # what is left: the header and pages shared by neighbours
+    assert layers[0].weight.dtype == torch.float32
+    assert torch.equal(layers[0].weight, expected)  # the values survived the move
+    assert len(loaded) == 4  # the mapping was still there all along
 
 
 def test_warm_up_runs_once_at_load(options):

@@ -1,0 +1,234 @@
+"""Measure optimum-intel's OpenVINO SDXL pipeline against the agent's PyTorch path, in one run.
+
+Same random-weight SDXL-Turbo as ``tests/bench/pipeline.py`` (run that once first: it builds the
+model), same 512x512, 1 step, guidance 0. optimum-intel pins its own transformers and
+huggingface-hub, so it lives in a separate environment; this script runs there and starts the
+PyTorch cases with the project's own ``.venv``, each case in a fresh process:
+
+  (b) plain diffusers, float32                      (project venv)
+  (c) the agent's default path                      (project venv)
+  (o) OpenVINO, its default precision on this CPU   (bfloat16 where the CPU has it)
+  (f) OpenVINO, float32 inference precision
+  (y) OpenVINO, default precision, shapes left dynamic (any size per request, as the agent needs)
+
+For each OpenVINO case it times the text encoders, the UNet, the full VAE decoder and the TAESDXL
+decoder converted to OpenVINO; "total" counts the TAESDXL decoder, as the agent's path does.
+The first run exports the OpenVINO model (weights kept in float16, no 8-bit compression) into
+``~/.cache/edgeai-bench/sdxl-turbo-random-openvino``.
+
+    python3 -m venv /tmp/ov
+    /tmp/ov/bin/pip install "optimum-intel[openvino,diffusers]==2.2.0"
+    /tmp/ov/bin/python tests/bench/versus_openvino.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CACHE = Path(os.environ.get("EDGEAI_BENCH_CACHE", Path.home() / ".cache" / "edgeai-bench"))
+MODEL = CACHE / "sdxl-turbo-random"
+TAESDXL = CACHE / "taesdxl-random"
+EXPORTED = CACHE / "sdxl-turbo-random-openvino"
+PROMPT = "a happy black dog, cartoon style, highly detailed"
+REPEATS = 3
+SIZE = 512
+CASES = {
+    "b": "plain diffusers, float32",
+    "c": "the agent's default path (PyTorch)",
+    "o": "OpenVINO, default precision, static 512x512 shapes",
+    "f": "OpenVINO, float32 precision, static 512x512 shapes",
+    "y": "OpenVINO, default precision, dynamic shapes (as loaded)",
+}
+
+
+def export() -> None:
+    """Export the random-weight pipeline to OpenVINO IR once."""
+    from optimum.intel import OVStableDiffusionXLPipeline  # noqa: PLC0415
+
+    begun = time.perf_counter()
+    pipeline = OVStableDiffusionXLPipeline.from_pretrained(
+        MODEL, export=True, compile=False, load_in_8bit=False
+    )
+    pipeline.save_pretrained(EXPORTED)
+    print(f"exported in {time.perf_counter() - begun:.0f} s: {EXPORTED}", file=sys.stderr)
+
+
+def tiny_decoder(core: object, precision: dict[str, str]) -> object:
+    """Return TAESDXL's decoder converted to OpenVINO and compiled for the CPU."""
+    import openvino  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from diffusers import AutoencoderTiny  # noqa: PLC0415
+
+    decoder = AutoencoderTiny.from_pretrained(TAESDXL, torch_dtype=torch.float32).decoder.eval()
+    latents = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
+    model = openvino.convert_model(decoder, example_input=latents)
+    return core.compile_model(model, "CPU", precision)  # type: ignore[attr-defined]
+
+
+def run_openvino(case: str) -> dict[str, object]:
+    """Cases (o) and (f): load, reshape to 512x512, compile, time the stages."""
+    import numpy as np  # noqa: PLC0415
+    import openvino  # noqa: PLC0415
+    from optimum.intel import OVStableDiffusionXLPipeline  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    precision = {"INFERENCE_PRECISION_HINT": "f32"} if case == "f" else {}
+    begun = time.perf_counter()
+    pipeline = OVStableDiffusionXLPipeline.from_pretrained(
+        EXPORTED, compile=False, ov_config=precision
+    )
+    if case != "y":
+        pipeline.reshape(batch_size=1, height=SIZE, width=SIZE, num_images_per_prompt=1)
+        # optimum-intel sizes the UNet's batch for classifier-free guidance (2 per image);
+        # SDXL-Turbo runs without it, so the UNet gets batch 1 like every other part.
+        unet = pipeline.unet.model
+        unet.reshape(
+            {
+                port: [1, *list(port.get_partial_shape())[1:]]
+                for port in unet.inputs
+                if port.get_partial_shape().rank.get_length() > 1
+            }
+        )
+    pipeline.compile()
+    decoder = tiny_decoder(openvino.Core(), precision)
+    load = time.perf_counter() - begun
+    stages: dict[str, float] = {}
+    for stage, component in (
+        ("text_encoders", pipeline.text_encoder),
+        ("text_encoders", pipeline.text_encoder_2),
+        ("unet", pipeline.unet),
+    ):
+        # A pipeline part's __call__ calls self.forward: timing the instance's forward is enough.
+        forward = component.forward
+
+        def timed(*args: object, _stage: str = stage, _forward=forward, **kwargs: object) -> object:
+            start = time.perf_counter()
+            result = _forward(*args, **kwargs)
+            stages[_stage] = stages.get(_stage, 0.0) + time.perf_counter() - start
+            return result
+
+        component.forward = timed
+    arguments = {"width": SIZE, "height": SIZE, "num_inference_steps": 1, "guidance_scale": 0.0}
+    pipeline(prompt="warm-up", **arguments)
+    decoder(np.zeros((1, 4, SIZE // 8, SIZE // 8), np.float32))
+    runs = []
+    for repeat in range(REPEATS):
+        stages.clear()
+        begun = time.perf_counter()
+        latents = pipeline(prompt=f"{PROMPT} {repeat}", output_type="latent", **arguments).images
+        latent_s = time.perf_counter() - begun
+        start = time.perf_counter()
+        pixels = next(iter(decoder(np.asarray(latents, np.float32)).values()))
+        tiny_s = time.perf_counter() - start
+        start = time.perf_counter()
+        rgb = (np.clip(pixels[0], 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        Image.fromarray(rgb).save(io.BytesIO(), format="PNG")
+        encoding_s = time.perf_counter() - start
+        start = time.perf_counter()
+        pipeline.vae_decoder(latent_sample=np.asarray(latents, np.float32))
+        full_s = time.perf_counter() - start
+        runs.append(
+            {
+                "text_encoders_s": stages.get("text_encoders", 0.0),
+                "unet_s": stages.get("unet", 0.0),
+                "vae_decode_s": full_s,
+                "tiny_decode_s": tiny_s,
+                "image_encoding_s": encoding_s,
+                "total_s": latent_s + tiny_s + encoding_s,
+            }
+        )
+    runs.sort(key=lambda run: run["total_s"])
+    return {"load_s": load, **runs[len(runs) // 2], "runs": [run["total_s"] for run in runs]}
+
+
+def run_torch(case: str) -> dict[str, object]:
+    """Cases (b) and (c), through the project's own benchmark in the project's venv."""
+    python = ROOT / ".venv" / "bin" / "python"
+    completed = subprocess.run(
+        [python, HERE / "pipeline.py", "--case", case],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = next(text for text in completed.stdout.splitlines() if text.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    result["unet_s"] = result.pop("denoise_s")
+    result["tiny_decode_s" if case == "c" else "vae_decode_s"] = result.pop("decode_s")
+    return result
+
+
+def main() -> None:
+    """Run every case in a fresh process and print the table and the ratios."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", default="bcofy")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.case:
+        result = run_openvino(arguments.case)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        print("RESULT " + json.dumps(result))
+        return
+    if not (EXPORTED / "model_index.json").exists():
+        export()
+    results: dict[str, dict[str, object]] = {}
+    for case in arguments.cases:
+        if case in "bc":
+            results[case] = run_torch(case)
+        else:
+            completed = subprocess.run(
+                [sys.executable, __file__, "--case", case],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            lines = [text for text in completed.stdout.splitlines() if text.startswith("RESULT ")]
+            if not lines:
+                print(completed.stdout[-2000:], completed.stderr[-4000:])
+                raise SystemExit(f"case {case} failed")
+            results[case] = json.loads(lines[0].removeprefix("RESULT "))
+        print(f"case {case} done", file=sys.stderr)
+    columns = (
+        "text_encoders_s",
+        "unet_s",
+        "vae_decode_s",
+        "tiny_decode_s",
+        "image_encoding_s",
+        "total_s",
+    )
+    print(
+        "\n| case | text encoders s | UNet s | VAE decode s | TAESDXL decode s | PNG s | total s"
+        " | peak RSS GB | load s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for case, result in results.items():
+        cells = " | ".join(
+            f"{result[column]:.2f}" if column in result else "-" for column in columns
+        )
+        print(
+            f"| ({case}) {CASES[case]} | {cells} | {result['peak_rss_gb']:.2f}"
+            f" | {result['load_s']:.1f} |"
+        )
+    ratios = {}
+    for top in "bc":
+        for bottom in "ofy":
+            if top in results and bottom in results:
+                ratio = float(results[top]["total_s"]) / float(results[bottom]["total_s"])  # type: ignore[arg-type]
+                ratios[f"{top}/{bottom}"] = round(ratio, 2)
+    print("\nratios (time of the row over time of the column):", ratios)
+    print(json.dumps({"cases": results, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
