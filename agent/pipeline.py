@@ -230,9 +230,12 @@ class Text2Image:
         if self.device != "cpu":
             # Loading lands on the CPU; moving there again would only warn about float16.
             self._pipeline.to(self.device)
-        for component in self._pipeline.components.values():
-            if isinstance(component, torch.nn.Module):
-                place_weights(component, self.dtype, half_storage=half_weights)
+        released = sum(
+            place_weights(component, self.dtype, half_storage=half_weights)
+            for component in self._pipeline.components.values()
+            if isinstance(component, torch.nn.Module)
+        )
+        log.info("weights placed; %.2f GB of mapped checkpoint pages handed back", released / 1e9)
         if half_weights:
             levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)

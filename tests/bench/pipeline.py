@@ -28,7 +28,6 @@ import gzip
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -124,8 +123,15 @@ def build_model() -> None:
 
 # --- one case, in its own process ---------------------------------------------------------
 def peak_rss_gb() -> float:
-    """Return this process's peak resident memory in GB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """Return this process's peak resident memory in GB (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries that across fork and exec, so a case started by a big
+    parent (one that has just built or exported the model) would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def png_seconds(image: object) -> float:

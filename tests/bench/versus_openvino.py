@@ -10,6 +10,8 @@ PyTorch cases with the project's own ``.venv``, each case in a fresh process:
   (o) OpenVINO, its default precision on this CPU   (bfloat16 where the CPU has it)
   (f) OpenVINO, float32 inference precision
   (y) OpenVINO, default precision, shapes left dynamic (any size per request, as the agent needs)
+  (q) as (y) with 8-bit weights (optimum-intel's default for models over a billion weights;
+      exported separately, into ``sdxl-turbo-random-openvino-int8``; not in the default cases)
 
 For each OpenVINO case it times the text encoders, the UNet, the full VAE decoder and the TAESDXL
 decoder converted to OpenVINO; "total" counts the TAESDXL decoder, as the agent's path does.
@@ -27,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,10 +36,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from pipeline import peak_rss_gb  # noqa: E402 - the same measure as the main benchmark
+
 CACHE = Path(os.environ.get("EDGEAI_BENCH_CACHE", Path.home() / ".cache" / "edgeai-bench"))
 MODEL = CACHE / "sdxl-turbo-random"
 TAESDXL = CACHE / "taesdxl-random"
 EXPORTED = CACHE / "sdxl-turbo-random-openvino"
+EXPORTED_INT8 = CACHE / "sdxl-turbo-random-openvino-int8"
 PROMPT = "a happy black dog, cartoon style, highly detailed"
 REPEATS = 3
 SIZE = 512
@@ -48,19 +53,28 @@ CASES = {
     "o": "OpenVINO, default precision, static 512x512 shapes",
     "f": "OpenVINO, float32 precision, static 512x512 shapes",
     "y": "OpenVINO, default precision, dynamic shapes (as loaded)",
+    "q": "OpenVINO, 8-bit weights (optimum's default for large models), dynamic shapes",
 }
 
 
-def export() -> None:
-    """Export the random-weight pipeline to OpenVINO IR once."""
+def export(folder: Path, *, int8: bool) -> None:
+    """Export the random-weight pipeline to OpenVINO IR once (8-bit weights if ``int8``)."""
     from optimum.intel import OVStableDiffusionXLPipeline  # noqa: PLC0415
 
     begun = time.perf_counter()
     pipeline = OVStableDiffusionXLPipeline.from_pretrained(
-        MODEL, export=True, compile=False, load_in_8bit=False
+        MODEL, export=True, compile=False, load_in_8bit=int8
     )
-    pipeline.save_pretrained(EXPORTED)
-    print(f"exported in {time.perf_counter() - begun:.0f} s: {EXPORTED}", file=sys.stderr)
+    pipeline.save_pretrained(folder)
+    print(f"exported in {time.perf_counter() - begun:.0f} s: {folder}", file=sys.stderr)
+
+
+def ensure_exported(cases: str) -> None:
+    """Export the OpenVINO models the cases need and the cache lacks."""
+    if not (EXPORTED / "model_index.json").exists():
+        export(EXPORTED, int8=False)
+    if "q" in cases and not (EXPORTED_INT8 / "model_index.json").exists():
+        export(EXPORTED_INT8, int8=True)
 
 
 def tiny_decoder(core: object, precision: dict[str, str]) -> object:
@@ -85,9 +99,9 @@ def run_openvino(case: str) -> dict[str, object]:
     precision = {"INFERENCE_PRECISION_HINT": "f32"} if case == "f" else {}
     begun = time.perf_counter()
     pipeline = OVStableDiffusionXLPipeline.from_pretrained(
-        EXPORTED, compile=False, ov_config=precision
+        EXPORTED_INT8 if case == "q" else EXPORTED, compile=False, ov_config=precision
     )
-    if case != "y":
+    if case not in "yq":
         pipeline.reshape(batch_size=1, height=SIZE, width=SIZE, num_images_per_prompt=1)
         # optimum-intel sizes the UNet's batch for classifier-free guidance (2 per image);
         # SDXL-Turbo runs without it, so the UNet gets batch 1 like every other part.
@@ -177,11 +191,10 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.case:
         result = run_openvino(arguments.case)
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+        result["peak_rss_gb"] = peak_rss_gb()
         print("RESULT " + json.dumps(result))
         return
-    if not (EXPORTED / "model_index.json").exists():
-        export()
+    ensure_exported(arguments.cases)
     results: dict[str, dict[str, object]] = {}
     for case in arguments.cases:
         if case in "bc":
@@ -222,7 +235,7 @@ def main() -> None:
         )
     ratios = {}
     for top in "bc":
-        for bottom in "ofy":
+        for bottom in "ofyq":
             if top in results and bottom in results:
                 ratio = float(results[top]["total_s"]) / float(results[bottom]["total_s"])  # type: ignore[arg-type]
                 ratios[f"{top}/{bottom}"] = round(ratio, 2)
