@@ -22,6 +22,7 @@ SHELL_SCRIPTS = [
     DEPLOY / "install.sh",
     ROOT / "scripts" / "run",
     ROOT / "scripts" / "test",
+    ROOT / "scripts" / "bench",
     ROOT / "scripts" / "lib.sh",
     ROOT / "mosquitto" / "prepare.sh",
     ROOT / ".ci" / "run",

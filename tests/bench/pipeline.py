@@ -16,8 +16,8 @@ It prints time per stage, total, peak RSS and load time per case, then the ratio
 (b)/(c), (b)/(d) and (b)/(e), as a markdown table and as JSON. Cases (b) to (e) are timed warm,
 three times with a new prompt each, and show the median run.
 
-    .venv/bin/python tests/bench/pipeline.py            # every case
-    .venv/bin/python tests/bench/pipeline.py --cases bcd
+    scripts/bench                                      # every case; installs what is missing
+    .venv/bin/python tests/bench/pipeline.py --cases bce
 """
 
 from __future__ import annotations
