@@ -270,6 +270,18 @@ def run_case(case: str) -> None:
 
 
 # --- the whole benchmark --------------------------------------------------------------------
+def case_in_fresh_process(python: str | Path, script: str | Path, case: str) -> dict[str, object]:
+    """Run ``script --case CASE`` with ``python`` and return the result it prints."""
+    completed = subprocess.run(
+        [python, script, "--case", case], capture_output=True, text=True, check=False
+    )
+    lines = [text for text in completed.stdout.splitlines() if text.startswith("RESULT ")]
+    if not lines:
+        print(completed.stdout[-2000:], completed.stderr[-4000:])
+        raise SystemExit(f"case {case} failed")
+    return json.loads(lines[0].removeprefix("RESULT "))  # type: ignore[no-any-return]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -285,15 +297,7 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     for case in arguments.cases:
         began = time.perf_counter()
-        completed = subprocess.run(
-            [sys.executable, __file__, "--case", case], capture_output=True, text=True, check=False
-        )
-        lines = [text for text in completed.stdout.splitlines() if text.startswith("RESULT ")]
-        line = lines[0] if lines else None
-        if line is None:
-            print(completed.stdout[-2000:], completed.stderr[-4000:])
-            raise SystemExit(f"case {case} failed")
-        results[case] = json.loads(line.removeprefix("RESULT "))
+        results[case] = case_in_fresh_process(sys.executable, __file__, case)
         print(f"case {case} done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     print(f"\nMachine: {machine()}; cases in fresh processes.\n")
     print(

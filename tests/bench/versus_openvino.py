@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from pipeline import peak_rss_gb  # noqa: E402 - the same measure as the main benchmark
+from pipeline import case_in_fresh_process, median_run, peak_rss_gb  # noqa: E402 - shared
 
 CACHE = Path(os.environ.get("EDGEAI_BENCH_CACHE", Path.home() / ".cache" / "edgeai-bench"))
 MODEL = CACHE / "sdxl-turbo-random"
@@ -161,21 +160,12 @@ def run_openvino(case: str) -> dict[str, object]:
                 "total_s": latent_s + tiny_s + encoding_s,
             }
         )
-    runs.sort(key=lambda run: run["total_s"])
-    return {"load_s": load, **runs[len(runs) // 2], "runs": [run["total_s"] for run in runs]}
+    return {"load_s": load, **median_run(runs)}
 
 
 def run_torch(case: str) -> dict[str, object]:
     """Cases (b) and (c), through the project's own benchmark in the project's venv."""
-    python = ROOT / ".venv" / "bin" / "python"
-    completed = subprocess.run(
-        [python, HERE / "pipeline.py", "--case", case],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    line = next(text for text in completed.stdout.splitlines() if text.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
+    result = case_in_fresh_process(ROOT / ".venv" / "bin" / "python", HERE / "pipeline.py", case)
     result["unet_s"] = result.pop("denoise_s")
     result["tiny_decode_s" if case == "c" else "vae_decode_s"] = result.pop("decode_s")
     return result
@@ -200,17 +190,7 @@ def main() -> None:
         if case in "bc":
             results[case] = run_torch(case)
         else:
-            completed = subprocess.run(
-                [sys.executable, __file__, "--case", case],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            lines = [text for text in completed.stdout.splitlines() if text.startswith("RESULT ")]
-            if not lines:
-                print(completed.stdout[-2000:], completed.stderr[-4000:])
-                raise SystemExit(f"case {case} failed")
-            results[case] = json.loads(lines[0].removeprefix("RESULT "))
+            results[case] = case_in_fresh_process(sys.executable, __file__, case)
         print(f"case {case} done", file=sys.stderr)
     columns = (
         "text_encoders_s",
