@@ -262,16 +262,30 @@ def machine() -> str:
     )
 
 
-def run_case(case: str) -> None:
-    """Run one case in this process and print its JSON line."""
-    result = run_plain(case) if case in "ab" else run_agent(case)
+def run_case(case: str) -> dict[str, object]:
+    """Run one case in this process."""
+    return run_plain(case) if case in "ab" else run_agent(case)
+
+
+# --- the whole benchmark --------------------------------------------------------------------
+def parse_arguments(description: str | None, cases: str) -> argparse.Namespace:
+    """Parse ``--cases`` (what to run, ``cases`` by default) and the child's hidden ``--case``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", default=cases)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def report_result(result: dict[str, object]) -> None:
+    """In a case's own process: add its peak memory and print the line the parent reads."""
     result["peak_rss_gb"] = peak_rss_gb()
     print("RESULT " + json.dumps(result))
 
 
-# --- the whole benchmark --------------------------------------------------------------------
 def case_in_fresh_process(python: str | Path, script: str | Path, case: str) -> dict[str, object]:
-    """Run ``script --case CASE`` with ``python`` and return the result it prints."""
+    """Run ``script --case CASE`` with ``python`` and return what its report_result printed."""
     completed = subprocess.run(
         [python, script, "--case", case], capture_output=True, text=True, check=False
     )
@@ -283,14 +297,10 @@ def case_in_fresh_process(python: str | Path, script: str | Path, case: str) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--cases", default="abcde")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    arguments = parser.parse_args()
+    """Run every case in a fresh process and print the table and the ratios."""
+    arguments = parse_arguments(__doc__, "abcde")
     if arguments.case:
-        run_case(arguments.case)
+        report_result(run_case(arguments.case))
         return
     if not (MODEL / "model_index.json").exists() or not (TAESDXL / "config.json").exists():
         build_model()

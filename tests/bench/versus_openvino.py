@@ -25,7 +25,6 @@ The first run exports the OpenVINO model (weights kept in float16, no 8-bit comp
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -36,7 +35,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from pipeline import case_in_fresh_process, median_run, peak_rss_gb  # noqa: E402 - shared
+from pipeline import (  # noqa: E402 - shared with the main benchmark
+    case_in_fresh_process,
+    median_run,
+    parse_arguments,
+    report_result,
+)
 
 CACHE = Path(os.environ.get("EDGEAI_BENCH_CACHE", Path.home() / ".cache" / "edgeai-bench"))
 MODEL = CACHE / "sdxl-turbo-random"
@@ -173,16 +177,9 @@ def run_torch(case: str) -> dict[str, object]:
 
 def main() -> None:
     """Run every case in a fresh process and print the table and the ratios."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--cases", default="bcofy")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    arguments = parser.parse_args()
+    arguments = parse_arguments(__doc__, "bcofy")
     if arguments.case:
-        result = run_openvino(arguments.case)
-        result["peak_rss_gb"] = peak_rss_gb()
-        print("RESULT " + json.dumps(result))
+        report_result(run_openvino(arguments.case))
         return
     ensure_exported(arguments.cases)
     results: dict[str, dict[str, object]] = {}
