@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from agent import discovery, thermal
 from agent.images import ImageStore
 from agent.journal import JobStatus, Journal
+from agent.memory import memory_limit
 from agent.messages import (
     MAX_SEED,
     ErrorCode,
@@ -31,12 +32,12 @@ from agent.messages import (
 from agent.metrics import AgentMetrics
 from agent.mqtt import Inbound, MqttError, MqttLink
 from agent.outbox import Outbox
+from agent.protocol import PipelineOptions, WorkerConfig
 from agent.runner import Job, Runner
 from agent.thermal import ThermalGuard
 from agent.topics import Topics
 from agent.web import WebApi
-from agent.worker import PipelineOptions, WorkerConfig
-from agent.worker_link import WorkerLink, WorkerStatus
+from agent.worker_link import Backoff, WorkerLink, WorkerStatus
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -125,16 +126,23 @@ class Agent:
             self.link, self.topics, store, self.metrics, settings.base_url(self.http.port)
         )
         self.outbox = outbox
+        limit = memory_limit()
+        log.info("memory limit: %s", limit.describe())
+        self.metrics.memory_limit_bytes.set(limit.bytes)
         self.worker = WorkerLink(
             WorkerConfig(
                 pipeline=PipelineOptions.from_settings(settings),
                 jpeg_quality=settings.jpeg_quality,
                 log_level=settings.log_level,
             ),
-            settings.worker_restart_delay_s,
+            backoff=Backoff(settings.worker_restart_delay_s, settings.worker_restart_max_delay_s),
+            limit=limit,
             on_change=self._on_worker_change,
             on_restart=self.metrics.worker_restarts.inc,
+            on_load_failure=self.metrics.model_load_failures.inc,
         )
+        worker = self.worker
+        self.metrics.worker_peak_bytes.set_function(lambda: float(worker.peak_bytes or 0))
         self.journal = Journal(settings.journal_path)
         token = settings.api_token.get_secret_value() if settings.api_token else None
         self.http.start(
@@ -553,6 +561,8 @@ class Agent:
                     "levers": loaded.levers,
                 }
             )
+            self.metrics.weight_bytes.labels(residence="mapped").set(loaded.mapped_bytes)
+            self.metrics.weight_bytes.labels(residence="copied").set(loaded.copied_bytes)
         self._state_changed.set()
 
     # --- state
@@ -627,6 +637,8 @@ class Agent:
             "mqtt_connected": connected,
             "worker_pid": self.worker.pid if hasattr(self, "worker") else None,
         }
+        if state == "error" and hasattr(self, "worker"):
+            details["error"] = self.worker.last_error
         return healthy, details
 
 

@@ -118,6 +118,10 @@ def announcements(  # noqa: PLR0913 - each value lands in the configs
                 "value_template": "{{ value_json.state }}",
                 "device_class": "enum",
                 "options": list(STATES),
+                # In state error, why (a model that failed to load, say): an attribute.
+                "json_attributes_topic": topics.state,
+                "json_attributes_template": "{{ {'error': value_json.error | default(none)}"
+                " | tojson }}",
             },
         ),
         (

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.protocol import GenerateJob
 from agent.settings import ImageFormat, OutputMode
 from agent.topics import is_encodable, reply_topic_problem
 
@@ -121,19 +122,19 @@ class JobSpec:
     fleet_result_topic: str | None = None
     """Where a fleet job's result goes too, so fleet clients need not know which agent ran it."""
 
-    def worker_fields(self) -> dict[str, Any]:
+    def worker_job(self) -> GenerateJob:
         """Return what the worker process needs to generate and encode the image."""
-        return {
-            "id": self.id,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "width": self.width,
-            "height": self.height,
-            "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "seed": self.seed,
-            "format": self.format,
-        }
+        return GenerateJob(
+            id=self.id,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+            format=self.format,
+        )
 
 
 def _reject_constant(name: str) -> Any:  # noqa: ANN401 - json's hook signature

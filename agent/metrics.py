@@ -163,6 +163,28 @@ class AgentMetrics:
             "Times the generation worker process died and was started again.",
             registry=registry,
         )
+        self.model_load_failures = Counter(
+            "edgeai_model_load_failures",
+            "Model loads that failed: raised, or the worker died while loading (out of memory).",
+            registry=registry,
+        )
+        self.memory_limit_bytes = Gauge(
+            "edgeai_memory_limit_bytes",
+            "Memory this agent may use: its cgroup's limit, else physical memory.",
+            registry=registry,
+        )
+        self.worker_peak_bytes = Gauge(
+            "edgeai_worker_peak_memory_bytes",
+            "Peak resident memory of the generation worker (the current one, or the last).",
+            registry=registry,
+        )
+        self.weight_bytes = Gauge(
+            "edgeai_model_weight_bytes",
+            "Bytes of model weights by where they live: mapped (file-backed pages of the "
+            "checkpoint, which the kernel may drop and read again) or copied (the worker's own).",
+            ["residence"],
+            registry=registry,
+        )
         self.fleet_passed_back = Counter(
             "edgeai_fleet_passed_back",
             "Fleet jobs this agent passed back to the fleet because it was busy.",

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from agent.messages import JobSpec
     from agent.metrics import AgentMetrics
     from agent.mqtt import MqttLink
+    from agent.protocol import Finished
     from agent.topics import Topics
-    from agent.worker import Finished
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,9 @@ storage where memory is short, a warm-up at load, and a prompt-embedding cache.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import diffusers
@@ -21,8 +19,17 @@ import torch
 import transformers
 from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
-from agent.weights import place_weights
-from agent.worker import PipelineOptions  # noqa: TC001 - read at run time
+from agent.memory import GIB, memory_limit, return_free_memory
+from agent.precision import (
+    choose_device,
+    choose_dtype,
+    choose_variant,
+    dtype_name,
+    load_dtype,
+    use_half_weights,
+)
+from agent.protocol import PipelineOptions, Ready
+from agent.weights import MappedPages, Placement, UpcastArena, place_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,88 +38,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-"""CPU features that make bfloat16 matrix maths several times faster than float32."""
-HALF_WEIGHTS_BELOW_BYTES = 16 * 2**30
-"""float32 SDXL holds 13.4 GB after load and peaks near 18 GB: below 16 GiB, store weights in
-half precision."""
 WARMUP_SIZE = 256
+HALF_STORED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+"""The parts whose weights may stay in float16 (97% of SDXL's). The decoder computes in float32
+throughout: TAESDXL is tiny, and diffusers upcasts a float16 full VAE to float32 anyway."""
 
 
 class JobCancelledError(Exception):
     """The job was cancelled between two denoising steps."""
-
-
-def choose_device(setting: str) -> str:
-    """Return the torch device: ``auto`` means cuda where a GPU is present, else cpu."""
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
-
-
-def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Return whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        flags = cpuinfo.read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in BF16_CPU_FLAGS)
-
-
-def choose_dtype(setting: str, device: str, *, bf16_cpu: bool | None = None) -> torch.dtype:
-    """Return the precision: auto is float16 on cuda, bfloat16 on a CPU with it, else float32."""
-    if setting != "auto":
-        return _DTYPES[setting]
-    if device == "cuda":
-        return torch.float16
-    return torch.bfloat16 if (cpu_has_bf16() if bf16_cpu is None else bf16_cpu) else torch.float32
-
-
-def memory_bytes() -> int:
-    """Return the machine's physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def use_half_weights(setting: str, device: str, dtype: torch.dtype) -> bool:
-    """Return whether to store linear and convolution weights in float16, computing in float32."""
-    if setting != "auto":
-        return setting == "on"
-    return device == "cpu" and dtype == torch.float32 and memory_bytes() < HALF_WEIGHTS_BELOW_BYTES
-
-
-def choose_variant(setting: str, model: str) -> str | None:
-    """Return the weight files to load: ``auto`` takes the fp16 files where the model has them.
-
-    A hub id gets ``fp16`` (SDXL-Turbo's fp16 files are half the download and load without a
-    conversion); a local folder gets it only when it holds ``*.fp16.safetensors`` files.
-    """
-    if setting != "auto":
-        return setting or None
-    folder = Path(model)
-    if not folder.is_dir():
-        return "fp16"
-    return "fp16" if any(folder.glob("*/*.fp16.safetensors")) else None
-
-
-def load_dtype(
-    device: str, dtype: torch.dtype, *, variant: str | None, half_weights: bool
-) -> torch.dtype:
-    """Return the precision to load in: on a CPU, float16 when the weights end in 16 bits.
-
-    Loading in the checkpoint's own precision maps the files without a copy, and
-    :func:`agent.weights.place_weights` then converts one tensor at a time: the peak is the final
-    model, not the final model plus the whole checkpoint. A float32 model from full-precision
-    files is loaded as float32, so it loses nothing.
-    """
-    if device == "cpu" and (half_weights or dtype != torch.float32 or variant == "fp16"):
-        return torch.float16
-    return dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Return the setting name of a torch dtype (``float32`` for ``torch.float32``)."""
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -133,19 +66,6 @@ class GenerationTimings:
             "decoding": self.decoding,
             "prompt_cache_hit": float(self.prompt_cache_hit),
         }
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """What was loaded, for metrics and the state topic."""
-
-    model: str
-    device: str
-    dtype: str
-    pipeline_class: str
-    load_seconds: float
-    warmup_seconds: float
-    levers: str
 
 
 class PromptCache:
@@ -208,7 +128,11 @@ class Text2Image:
         started = time.perf_counter()
         self.device = choose_device(options.device)
         self.dtype = choose_dtype(options.dtype, self.device)
-        half_weights = use_half_weights(options.half_weights, self.device, self.dtype)
+        limit = memory_limit()
+        half_weights = use_half_weights(options.half_weights, self.device, self.dtype, limit.bytes)
+        # The lean path gives freed memory back after each job, so between jobs the worker holds
+        # its weights' file pages and little else.
+        self._lean = half_weights
         extra: dict[str, Any] = {}
         levers = [dtype_name(self.dtype)]
         if options.tiny_vae:
@@ -230,34 +154,63 @@ class Text2Image:
         if self.device != "cpu":
             # Loading lands on the CPU; moving there again would only warn about float16.
             self._pipeline.to(self.device)
-        released = sum(
-            place_weights(component, self.dtype, half_storage=half_weights)
-            for component in self._pipeline.components.values()
-            if isinstance(component, torch.nn.Module)
+        arena = UpcastArena(self.dtype, options.channels_last) if half_weights else None
+        placement = sum(
+            (
+                place_weights(
+                    component,
+                    self.dtype,
+                    arena=arena if name in HALF_STORED_COMPONENTS else None,
+                    channels_last=options.channels_last,
+                )
+                for name, component in self._pipeline.components.items()
+                if isinstance(component, torch.nn.Module)
+            ),
+            Placement(),
         )
-        log.info("weights placed; %.2f GB of mapped checkpoint pages handed back", released / 1e9)
+        log.info(
+            "weights placed: %.2f GiB left in the mapped files, %.2f GiB copied (%s), "
+            "%.2f GiB of mapped pages handed back; upcast buffer %.2f GiB; memory limit %s",
+            placement.mapped / GIB,
+            placement.copied / GIB,
+            "converted precision or layout",
+            placement.released / GIB,
+            (arena.nbytes if arena is not None else 0) / GIB,
+            limit.describe(),
+        )
         if half_weights:
             levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)
         if options.channels_last:
-            self._pipeline.unet.to(memory_format=torch.channels_last)
-            self._pipeline.vae.to(memory_format=torch.channels_last)
             levers.append("channels-last")
         self._timings = GenerationTimings()
         self.prompt_cache = PromptCache(self._pipeline.encode_prompt, options.prompt_cache_size)
+
+        # Text encoders left in their mapped files run once per new prompt (the cache answers
+        # the rest): marked cold after each run, their pages are the first the kernel takes back
+        # when memory is short, before the UNet's, which run at every step.
+        pages = MappedPages()
+        encoder_files = [
+            mapping
+            for name in ("text_encoder", "text_encoder_2")
+            if isinstance(component := self._pipeline.components.get(name), torch.nn.Module)
+            for mapping in pages.ranges_of(component)
+        ]
 
         def timed_encode_prompt(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - pass-through
             begun = time.perf_counter()
             result = self.prompt_cache(*args, **kwargs)
             self._timings.text_encoding += time.perf_counter() - begun
             self._timings.prompt_cache_hit = self.prompt_cache.last_hit
+            if not self.prompt_cache.last_hit:
+                pages.mark_cold(encoder_files)
             return result
 
         # The pipeline calls self.encode_prompt, so an instance attribute wraps it in place.
         self._pipeline.encode_prompt = timed_encode_prompt
         load_seconds = time.perf_counter() - started
         warmup_seconds = self._warm_up() if options.warmup else 0.0
-        self.loaded = LoadedModel(
+        self.loaded = Ready(
             model=options.model,
             device=self.device,
             dtype=dtype_name(self.dtype),
@@ -265,6 +218,8 @@ class Text2Image:
             load_seconds=load_seconds,
             warmup_seconds=warmup_seconds,
             levers=",".join(levers),
+            mapped_bytes=placement.mapped,
+            copied_bytes=placement.copied,
         )
 
     def _warm_up(self) -> float:
@@ -343,4 +298,6 @@ class Text2Image:
         denoised = timings.marks.get("denoised", finished)
         timings.denoising = denoised - started - timings.text_encoding
         timings.decoding = finished - denoised
+        if self._lean:
+            return_free_memory()
         return output.images[0], timings

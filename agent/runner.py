@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.journal import JobStatus
 from agent.messages import ErrorCode, error_body
-from agent.worker import Cancelled, Failed, Finished
+from agent.protocol import Cancelled, Failed, Finished
 from agent.worker_link import WorkerDiedError, WorkerUnavailableError
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class Runner:
             await self._fail(job, ErrorCode.CANCELLED, "cancelled before it started")
             return True
         try:
-            outcome = await self._worker.run(spec.worker_fields(), progress)
+            outcome = await self._worker.run(spec.worker_job(), progress)
         except WorkerDiedError as exc:
             if attempt < self._max_attempts:
                 log.warning(

@@ -177,7 +177,17 @@ class Settings(BaseSettings):
         default=10000, ge=10, description="Delivered jobs kept in the journal at most."
     )
     worker_restart_delay_s: float = Field(
-        default=2.0, ge=0, le=600, description="Wait before restarting a worker that died."
+        default=2.0,
+        ge=0,
+        le=600,
+        description="Wait before restarting a worker that died; after loads that failed in a row "
+        "(a worker killed while loading, say) the wait doubles each time.",
+    )
+    worker_restart_max_delay_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="Longest wait between two attempts to load the model.",
     )
 
     # --- request defaults and bounds

@@ -1,127 +1,43 @@
 """The generation worker process: loads the model once, then runs one job at a time.
 
-The daemon talks to it over a ``multiprocessing`` pipe with the small messages below, and asks
-it to stop a job through a shared event that the worker polls after every denoising step. This
-module imports torch only inside :func:`worker_main`, so the daemon can import the messages.
+The daemon talks to it over a ``multiprocessing`` pipe with the messages of
+:mod:`agent.protocol`, and asks it to stop a job through a shared event that the worker polls
+after every denoising step. This module imports torch only inside :func:`worker_main`, so the
+daemon can name it as the process's target without loading torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.protocol import (
+    Cancelled,
+    Failed,
+    Finished,
+    GenerateJob,
+    LoadFailed,
+    Progress,
+    WorkerCommand,
+    WorkerConfig,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.synchronize import Event
 
-    from agent.settings import Settings
-
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """How to load and run the pipeline (the worker's share of the settings)."""
-
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    threads: int = 0
-    variant: str = "auto"
-    tiny_vae: str = ""
-    half_weights: str = "auto"
-    channels_last: bool = True
-    warmup: bool = True
-    prompt_cache_size: int = 16
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PipelineOptions:
-        """Return the pipeline options the settings ask for."""
-        return cls(
-            model=settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            threads=settings.torch_threads,
-            variant=settings.model_variant,
-            tiny_vae=settings.tiny_vae,
-            half_weights=settings.half_weights,
-            channels_last=settings.channels_last,
-            warmup=settings.warmup,
-            prompt_cache_size=settings.prompt_cache_size,
-        )
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What the worker needs to load the model and encode images."""
-
-    pipeline: PipelineOptions
-    jpeg_quality: int
-    log_level: str = "INFO"
-
-
-@dataclass(frozen=True)
-class Ready:
-    """The model is loaded."""
-
-    model: str
-    device: str
-    dtype: str
-    pipeline_class: str
-    load_seconds: float
-    warmup_seconds: float
-    levers: str
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    """The model could not be loaded; the worker exits after sending this."""
-
-    message: str
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A denoising step finished."""
-
-    job_id: str
-    step: int
-    steps: int
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A job's image, encoded, with the time per stage."""
-
-    job_id: str
-    data: bytes
-    timings: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A job raised inside the pipeline; the worker goes on with the next one."""
-
-    job_id: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Cancelled:
-    """A job was stopped at a step boundary."""
-
-    job_id: str
-
-
-WorkerEvent = Ready | LoadFailed | Progress | Finished | Failed | Cancelled
+WORKER_OOM_SCORE_ADJ = 500
+"""Added to the worker's OOM score (-1000 never, 1000 always): it goes before the daemon."""
 
 
 def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> None:
@@ -133,6 +49,7 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         config: What to load and how to encode.
     """
     _die_with_parent()
+    _go_first_when_memory_runs_out()
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s"
     )
@@ -146,7 +63,7 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         log.exception("model load failed")
         connection.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
-    connection.send(Ready(**vars(model.loaded)))
+    connection.send(model.loaded)
     log.info(
         "model %s loaded on %s (%s) in %.1f s, warm-up %.1f s",
         config.pipeline.model,
@@ -157,26 +74,26 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
     )
     while True:
         try:
-            job: dict[str, Any] | None = connection.recv()
+            command: WorkerCommand = connection.recv()
         except EOFError:
             return
-        if job is None:
-            return
-        job_id = job["id"]
+        if not isinstance(command, GenerateJob):
+            return  # Stop
+        job_id = command.id
         try:
             image, timings = model.generate(
-                prompt=job["prompt"],
-                negative_prompt=job["negative_prompt"],
-                width=job["width"],
-                height=job["height"],
-                steps=job["steps"],
-                guidance_scale=job["guidance_scale"],
-                seed=job["seed"],
+                prompt=command.prompt,
+                negative_prompt=command.negative_prompt,
+                width=command.width,
+                height=command.height,
+                steps=command.steps,
+                guidance_scale=command.guidance_scale,
+                seed=command.seed,
                 on_step=partial(_send_progress, connection, job_id),
                 cancelled=cancel.is_set,
             )
             begun = time.perf_counter()
-            data = encode_image(image, job["format"], config.jpeg_quality)
+            data = encode_image(image, command.format, config.jpeg_quality)
             stages = timings.as_dict() | {"image_encoding": time.perf_counter() - begun}
             connection.send(Finished(job_id, data, stages))
         except JobCancelledError:
@@ -199,6 +116,17 @@ def _die_with_parent() -> None:
         log.debug("prctl is not available; the worker outlives a killed daemon")
     if os.getppid() == 1:  # the daemon died before prctl took effect
         os._exit(1)
+
+
+def _go_first_when_memory_runs_out() -> None:
+    """Make this process the OOM killer's first choice over the daemon.
+
+    When memory runs out it is the worker that holds it; were the daemon killed instead, the
+    broker link, the journal and every queued job's answer would go with it. A process may always
+    raise its own score.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text(f"{WORKER_OOM_SCORE_ADJ}\n", encoding="ascii")
 
 
 def _send_progress(connection: Connection, job_id: str, step: int, steps: int) -> None:

@@ -1,8 +1,12 @@
 """The daemon's side of the generation worker: starts it, talks to it, restarts it when it dies.
 
 A reader thread blocks on the pipe and hands every message to the event loop with
-``call_soon_threadsafe``, so the loop never waits on the worker. A worker that dies (an
-out-of-memory kill, a crash inside torch) fails the job it was running and is started again.
+``call_soon_threadsafe``, so the loop never waits on the worker. A worker that dies during a job
+(an out-of-memory kill, a crash inside torch) fails that job's attempt and is started again. A
+model that cannot be loaded, because the load raised or because the worker died while loading
+(the usual out-of-memory kill on a small board), puts the link in ``error`` with a reason a person
+understands, and the load is tried again after a delay that doubles up to a cap: never a silent
+crash loop, and requests meanwhile get ``model_unavailable`` at once.
 """
 
 from __future__ import annotations
@@ -11,21 +15,26 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import signal
 import threading
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from agent.worker import (
+from agent.memory import GIB, MemoryLimit, peak_rss_bytes
+from agent.protocol import (
     Cancelled,
     Failed,
     Finished,
+    GenerateJob,
     LoadFailed,
     Progress,
     Ready,
+    Stop,
     WorkerConfig,
     WorkerEvent,
-    worker_main,
 )
+from agent.worker import worker_main
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,9 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_LOAD_RETRY_DELAY_S = 300.0
-"""A model that fails to load is retried with a doubling delay, capped here (5 minutes)."""
 STOP_TIMEOUT_S = 10.0
+PEAK_SAMPLE_S = 0.5
+"""How often the worker's peak memory is read while it runs (a /proc read, microseconds)."""
 
 
 class WorkerStatus(StrEnum):
@@ -56,31 +65,73 @@ class WorkerDiedError(Exception):
     """The worker process died while it ran a job."""
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between load attempts: ``first``, doubling each failure, at most ``cap``."""
+
+    first: float
+    cap: float
+
+    def delay(self, failures: int) -> float:
+        """Return the wait after the ``failures``-th failure in a row (1 for the first)."""
+        return float(min(self.first * 2 ** max(failures - 1, 0), self.cap))
+
+
+def death_reason(
+    exit_code: int | None, peak: int | None, limit: MemoryLimit, oom_kill: bool
+) -> str:
+    """Say why a worker died while loading the model, in words a person understands.
+
+    Args:
+        exit_code: The process's exit code (negative: the signal that ended it).
+        peak: Its peak resident memory in bytes, as last read, if known.
+        limit: The memory limit that applies.
+        oom_kill: The cgroup's OOM kill counter went up meanwhile.
+    """
+    memory = f"peak {peak / GIB:.1f} GiB, " if peak else ""
+    memory += f"memory limit {limit.describe()}"
+    if exit_code == -signal.SIGKILL:
+        how = "out of memory (the kernel's OOM killer)" if oom_kill else "probably out of memory"
+        return f"the worker was killed while loading the model, {how}: {memory}"
+    if exit_code is not None and exit_code < 0:
+        name = signal.Signals(-exit_code).name
+        return f"the worker died while loading the model ({name}): {memory}"
+    return f"the worker exited while loading the model (exit code {exit_code}): {memory}"
+
+
 JobOutcome = Finished | Failed | Cancelled
 
 
 class WorkerLink:
     """Owns the worker process and its pipe; one job at a time."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the link's whole configuration
         self,
         config: WorkerConfig,
-        restart_delay_s: float,
+        *,
+        backoff: Backoff,
+        limit: MemoryLimit,
         on_change: Callable[[], None],
         on_restart: Callable[[], None],
+        on_load_failure: Callable[[], None],
     ) -> None:
         """Create the link; :meth:`start` starts the process.
 
         Args:
             config: What the worker loads.
-            restart_delay_s: Wait before starting a worker again after it died.
+            backoff: Waits before starting a worker again: after a death during a job, the
+                first; after failed loads in a row, doubling up to the cap.
+            limit: The memory limit that applies, named when a worker is killed while loading.
             on_change: Called on the event loop whenever :attr:`status` changes.
             on_restart: Called when a worker died and is being replaced.
+            on_load_failure: Called when a load failed (raised, or the worker died loading).
         """
         self._config = config
-        self._restart_delay_s = restart_delay_s
+        self._backoff = backoff
+        self._limit = limit
         self._on_change = on_change
         self._on_restart = on_restart
+        self._on_load_failure = on_load_failure
         self._loop = asyncio.get_running_loop()
         self._context = multiprocessing.get_context("spawn")
         self._cancel = self._context.Event()
@@ -92,9 +143,14 @@ class WorkerLink:
         self._on_progress: Callable[[int, int], None] | None = None
         self._load_failures = 0
         self._restart: asyncio.TimerHandle | None = None
+        self._sampler: asyncio.TimerHandle | None = None
+        self._oom_kills_at_start: int | None = None
+        self._load_reported = False
         self.status = WorkerStatus.STOPPED
         self.loaded: Ready | None = None
         self.last_error: str | None = None
+        self.peak_bytes: int | None = None
+        """The current (or last) worker's peak resident memory, as last read."""
 
     @property
     def pid(self) -> int | None:
@@ -102,9 +158,17 @@ class WorkerLink:
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
-        """Start a worker process; it loads the model and reports :class:`Ready`."""
+        """Start a worker process; it loads the model and reports :class:`Ready`.
+
+        While earlier loads have failed, the status stays ``error`` during this attempt: jobs are
+        answered at once rather than held for a load that may fail again.
+        """
         self._restart = None
         self._generation += 1
+        self.peak_bytes = None
+        self.loaded = None
+        self._load_reported = False
+        self._oom_kills_at_start = self._limit.oom_kills()
         parent, child = self._context.Pipe(duplex=True)
         self._cancel.clear()
         process = self._context.Process(
@@ -116,7 +180,9 @@ class WorkerLink:
         process.start()
         child.close()  # so that the worker's death reads as end-of-file here
         self._process, self._connection = process, parent
-        self._set_status(WorkerStatus.LOADING)
+        if self.status is not WorkerStatus.ERROR:
+            self._set_status(WorkerStatus.LOADING)
+        self._sample_peak(process.pid, self._generation)
         threading.Thread(
             target=self._read,
             args=(parent, process, self._generation),
@@ -129,7 +195,7 @@ class WorkerLink:
         """Wait until the model is loaded.
 
         Raises:
-            WorkerUnavailableError: The last load failed and no new one is under way.
+            WorkerUnavailableError: The last load failed (a retry may be under way).
         """
         while True:
             if self.status is WorkerStatus.READY and self.loaded is not None:
@@ -139,11 +205,11 @@ class WorkerLink:
             self._ready.clear()
             await self._ready.wait()
 
-    async def run(self, job: dict[str, Any], on_progress: Callable[[int, int], None]) -> JobOutcome:
+    async def run(self, job: GenerateJob, on_progress: Callable[[int, int], None]) -> JobOutcome:
         """Run one job on the worker and return how it ended.
 
         Args:
-            job: The job's fields (:meth:`agent.messages.JobSpec.worker_fields`).
+            job: The job (:meth:`agent.messages.JobSpec.worker_job`).
             on_progress: Called on the loop with (step, steps) after each denoising step.
 
         Raises:
@@ -181,13 +247,15 @@ class WorkerLink:
         self._set_status(WorkerStatus.STOPPED)
         if self._restart is not None:
             self._restart.cancel()
+        if self._sampler is not None:
+            self._sampler.cancel()
         process, connection = self._process, self._connection
         if process is None or connection is None:
             return
         if at_once:
             process.kill()
         with contextlib.suppress(OSError, ValueError):
-            connection.send(None)
+            connection.send(Stop())
         await asyncio.to_thread(process.join, STOP_TIMEOUT_S)
         if process.is_alive():
             process.kill()
@@ -209,11 +277,12 @@ class WorkerLink:
         if generation != self._generation or self.status is WorkerStatus.STOPPED:
             return  # a message from a worker that was replaced, or is being stopped
         if isinstance(event, Ready):
+            self._load_reported = True
             self.loaded, self.last_error, self._load_failures = event, None, 0
             self._set_status(WorkerStatus.READY)
         elif isinstance(event, LoadFailed):
-            self.last_error = event.message
-            self._set_status(WorkerStatus.ERROR)
+            self._load_reported = True
+            self._load_failed(event.message)
         elif isinstance(event, Progress):
             if self._on_progress is not None:
                 self._on_progress(event.step, event.steps)
@@ -223,24 +292,44 @@ class WorkerLink:
     def _on_exit(self, generation: int, code: int | None) -> None:
         if generation != self._generation or self.status is WorkerStatus.STOPPED:
             return
+        self._process = None
         if self._job is not None and not self._job.done():
             self._job.set_exception(
                 WorkerDiedError(f"the worker process died during the job (exit code {code})")
             )
+        if not self._load_reported:
+            # Died before it could say Ready or LoadFailed: the load itself was killed.
+            oom_before, oom_now = self._oom_kills_at_start, self._limit.oom_kills()
+            oom_kill = oom_before is not None and oom_now is not None and oom_now > oom_before
+            self._on_restart()
+            self._load_failed(death_reason(code, self.peak_bytes, self._limit, oom_kill=oom_kill))
         if self.status is WorkerStatus.ERROR:
-            self._load_failures += 1
-            delay = min(
-                max(self._restart_delay_s, 1.0) * 2 ** (self._load_failures - 1),
-                MAX_LOAD_RETRY_DELAY_S,
-            )
-            log.error("model load failed (%s); retrying in %.0f s", self.last_error, delay)
+            delay = self._backoff.delay(self._load_failures)
+            log.error("model load failed: %s; retrying in %.1f s", self.last_error, delay)
         else:
-            delay = self._restart_delay_s
+            delay = self._backoff.first
             log.error("worker process died (exit code %s); restarting in %.1f s", code, delay)
             self.last_error = f"the worker process died (exit code {code})"
             self._on_restart()
             self._set_status(WorkerStatus.LOADING)
         self._restart = self._loop.call_later(delay, self.start)
+
+    def _load_failed(self, reason: str) -> None:
+        """Record a failed load: state ``error`` with its reason, counted once."""
+        self._load_failures += 1
+        self.last_error = reason
+        self._on_load_failure()
+        self._set_status(WorkerStatus.ERROR)
+
+    def _sample_peak(self, pid: int | None, generation: int) -> None:
+        """Keep :attr:`peak_bytes` current while this worker lives (named if it is killed)."""
+        if pid is None or generation != self._generation:
+            return
+        peak = peak_rss_bytes(pid)
+        if peak is None:
+            return  # gone: the last reading stands
+        self.peak_bytes = peak
+        self._sampler = self._loop.call_later(PEAK_SAMPLE_S, self._sample_peak, pid, generation)
 
     def _set_status(self, status: WorkerStatus) -> None:
         if status is not self.status:

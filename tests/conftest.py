@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests import cgroups
 from tests.mqtt_client import TestClient
 from tests.tiny_pipeline import build_tiny_pipeline
 
@@ -131,6 +133,8 @@ class AgentProcess:
     node_id: str = field(default_factory=lambda: f"node-{uuid.uuid4().hex[:6]}")
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    cgroup: cgroups.MemoryCgroup | None = None
+    """Run the agent (daemon and worker) under this memory cgroup's limit."""
 
     @property
     def base(self) -> str:
@@ -172,8 +176,11 @@ class AgentProcess:
     def start(self, wait: bool = True) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        command = [sys.executable, "-m", "agent"]
+        if self.cgroup is not None:
+            command = self.cgroup.wrap(command)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent"], env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            command, env=self.env(), stdout=log, stderr=subprocess.STDOUT
         )
         if wait:
             self.wait_state("idle")
@@ -212,6 +219,14 @@ class AgentProcess:
         assert status == 200
         return body.decode()
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """Return one sample of /metrics, parsed by prometheus_client's own parser."""
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
+
     def wait_metric(self, line: str, timeout: float = 20.0) -> None:
         """Wait until a line appears in /metrics (values change a moment after events)."""
         deadline = time.monotonic() + timeout
@@ -249,6 +264,24 @@ def make_agent(tmp_path: Path, tiny_model: Path) -> Iterator:
     yield make
     for agent in agents:
         agent.stop()
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator:
+    """Make memory cgroups (a limit in bytes) for a test; skipped where none can be written."""
+    made: list[cgroups.MemoryCgroup] = []
+
+    def make(limit: int) -> cgroups.MemoryCgroup:
+        try:
+            cgroup = cgroups.create(limit)
+        except cgroups.CgroupUnavailableError as exc:
+            pytest.skip(str(exc))
+        made.append(cgroup)
+        return cgroup
+
+    yield make
+    for cgroup in made:
+        cgroup.remove()
 
 
 @pytest.fixture(scope="module")

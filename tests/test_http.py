@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from agent.pipeline import cpu_has_bf16
+from agent.precision import machine_has_bf16
 from tests.conftest import generate, require_command
 
 
@@ -50,7 +50,7 @@ def test_metrics_pass_promtool_and_count_jobs(shared_agent, client):
     assert "edgeai_mqtt_connected 1.0" in text
     assert re.search(r"^edgeai_model_load_seconds [0-9.]+$", text, re.MULTILINE)
     # auto precision: bfloat16 where the CPU computes it natively, float32 elsewhere (a Pi).
-    expected = "bfloat16" if cpu_has_bf16() else "float32"
+    expected = "bfloat16" if machine_has_bf16() else "float32"
     assert f'edgeai_model_info{{device="cpu",dtype="{expected}"' in text
     assert 'levers="' in text
     assert "tiny-vae" in text

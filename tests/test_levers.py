@@ -11,9 +11,17 @@ from diffusers import AutoPipelineForText2Image
 from safetensors.torch import load_file, save_file
 
 from agent.images import encode_image
-from agent.pipeline import Text2Image, choose_dtype, choose_variant, cpu_has_bf16, use_half_weights
-from agent.weights import HALF_STORED_LAYERS, checkpoint_mappings, settle_weights
-from agent.worker import PipelineOptions
+from agent.pipeline import Text2Image
+from agent.precision import (
+    choose_dtype,
+    choose_variant,
+    cpu_has_bf16,
+    cpuinfo_features,
+    machine_architecture,
+    use_half_weights,
+)
+from agent.protocol import PipelineOptions
+from agent.weights import HALF_STORED_LAYERS, file_mappings, settle_weights
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +106,17 @@ def test_half_weights_store_in_float16_and_compute_in_float32(options):
     for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2):
         for layer in component.modules():
             kept = {weight.dtype for weight in layer.parameters(recurse=False)}
-            if isinstance(layer, HALF_STORED_LAYERS):
-                assert kept == {torch.float16}, layer
-            elif kept:  # norms and embeddings compute in float32 without casting
+            stored = {tensor.dtype for tensor in layer.buffers(recurse=False)}
+            if isinstance(layer, (*HALF_STORED_LAYERS, torch.nn.Embedding)):
+                assert stored == {torch.float16}, layer  # held as storage, not parameters
+                assert not kept, layer
+            elif kept:  # norms compute in float32 without casting
                 assert kept == {torch.float32}, layer
-    # The pipeline casts prompt embeddings to the encoder's reported precision: float32.
-    assert pipeline.text_encoder_2.dtype == torch.float32
+        # A model reports its first parameter's precision; the pipeline casts prompt
+        # embeddings to the text encoder's and latents to theirs: all float32.
+        assert component.dtype == torch.float32
+    for layer in pipeline.vae.modules():  # the decoder computes in float32 throughout
+        assert {weight.dtype for weight in layer.parameters(recurse=False)} <= {torch.float32}
     image, _ = generate(model)
     assert image.size == (512, 512)
     # Weights rounded to float16, maths in float32: nearly the float32 image.
@@ -112,8 +125,8 @@ def test_half_weights_store_in_float16_and_compute_in_float32(options):
     # After a generation the float16 weights are back in place (no float32 copy kept).
     assert {
         layer.weight.dtype
-        for layer in pipeline.unet.modules()
-        if isinstance(layer, torch.nn.Linear)
+        for layer in (*pipeline.unet.modules(), *pipeline.text_encoder_2.modules())
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))
     } == {torch.float16}
 
 
@@ -136,14 +149,53 @@ def test_the_fp16_files_are_chosen_and_loaded(options, tiny_model, tmp_path):
     assert image.size == (512, 512)
 
 
-def test_no_weight_is_left_in_the_mapped_checkpoint(options):
+def test_only_weights_that_change_precision_leave_the_mapped_checkpoint(options):
+    """bfloat16 from float16 files: every weight is converted, so none stays in the mapping."""
     model = Text2Image(PipelineOptions(**{**vars(options), "dtype": "bfloat16"}))
-    mappings = checkpoint_mappings()
+    mappings = file_mappings()
     for component in model._pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             for weight in component.parameters():
                 start = weight.data_ptr()
                 assert not any(low <= start < high for low, high in mappings)
+    assert model.loaded.mapped_bytes == 0
+    assert model.loaded.copied_bytes > 0
+
+
+def test_half_weights_stay_in_the_mapped_files(options, tmp_path):
+    """The Pi path from float16 files: float16 weights are never copied, the mapping backs them."""
+    folder = tmp_path / "fp16-model"
+    AutoPipelineForText2Image.from_pretrained(options.model, dtype=torch.float16).save_pretrained(
+        folder, variant="fp16"
+    )
+    model = Text2Image(
+        PipelineOptions(
+            **{**vars(options), "model": str(folder), "dtype": "float32", "half_weights": "on"}
+        )
+    )
+    mappings = file_mappings()
+    assert mappings, "the float16 files are mapped"
+    half, full = 0, 0
+    pipeline = model._pipeline
+    for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2):
+        for layer in component.modules():
+            for weight in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)):
+                if not weight.is_floating_point():
+                    continue  # position ids
+                start = weight.data_ptr()
+                mapped = any(low <= start < high for low, high in mappings)
+                if isinstance(layer, (*HALF_STORED_LAYERS, torch.nn.Embedding)):
+                    assert weight.dtype == torch.float16
+                    assert mapped, layer  # a pointer into the file: no copy was made
+                    half += weight.nbytes
+                else:
+                    assert weight.dtype == torch.float32
+                    assert not mapped  # converted to float32: its own memory
+                    full += weight.nbytes
+    assert model.loaded.mapped_bytes >= half
+    assert model.loaded.copied_bytes >= full
+    image, _ = generate(model)
+    assert image.size == (512, 512)
 
 
 def mapped_kib(path) -> int:
@@ -171,9 +223,10 @@ def test_settling_copies_weights_out_and_hands_the_file_pages_back(tmp_path):
     assert float(expected.sum()) != 0  # read every page of the weight
     assert mapped_kib(path) >= 1024  # the 1 MiB float16 weight is resident, file-backed
 
-    released = settle_weights(layers, torch.float32)
+    placement = settle_weights(layers, torch.float32)
 
-    assert released >= 1024 * 1024 - 2 * 4096
+    assert placement.released >= 1024 * 1024 - 2 * 4096
+    assert placement.copied >= 1024 * 512 * 4
     assert mapped_kib(path) < 64  # what is left: the header and pages shared by neighbours
     assert layers[0].weight.dtype == torch.float32
     assert torch.equal(layers[0].weight, expected)  # the values survived the move
@@ -188,16 +241,50 @@ def test_warm_up_runs_once_at_load(options):
     assert model.prompt_cache.hits == 1
 
 
-def test_precision_and_memory_choices(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
-    assert cpu_has_bf16(cpuinfo)
-    cpuinfo.write_text("Features\t: fp asimd evtstrm crc32 cpuid\n")  # a Raspberry Pi 5
-    assert not cpu_has_bf16(cpuinfo)
+DATA = Path(__file__).parent / "data"
+PI5_CPUINFO = (DATA / "cpuinfo-raspberry-pi-5.txt").read_text()
+XEON_CPUINFO = (DATA / "cpuinfo-xeon-amx.txt").read_text()
+PI5_TORCH = {"architecture": "aarch64", "neon": True, "fp16_arith": True, "bf16": False}
+XEON_TORCH = {"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": True}
+
+
+@pytest.mark.parametrize(
+    ("architecture", "cpuinfo", "capabilities", "expected"),
+    [
+        pytest.param("aarch64", PI5_CPUINFO, PI5_TORCH, False, id="raspberry-pi-5"),
+        pytest.param("x86_64", XEON_CPUINFO, XEON_TORCH, True, id="xeon-with-amx"),
+        # qemu-user: an arm64 root reads the x86 host's cpuinfo; its flags are no witness.
+        pytest.param("aarch64", XEON_CPUINFO, PI5_TORCH, False, id="pi-5-emulated-on-the-xeon"),
+        pytest.param("x86_64", XEON_CPUINFO, None, True, id="xeon-torch-without-the-query"),
+        pytest.param("aarch64", PI5_CPUINFO, None, False, id="pi-5-torch-without-the-query"),
+        pytest.param(
+            "x86_64", XEON_CPUINFO, {"avx512_bf16": False}, False, id="torch-and-cpuinfo-disagree"
+        ),
+        pytest.param("aarch64", "", {"bf16": True}, True, id="arm-with-bf16-cpuinfo-unreadable"),
+    ],
+)
+def test_bfloat16_only_where_the_cpu_computes_it(architecture, cpuinfo, capabilities, expected):
+    assert cpu_has_bf16(architecture, cpuinfo, capabilities) is expected
+    bf16_cpu = cpu_has_bf16(architecture, cpuinfo, capabilities)
+    assert choose_dtype("auto", "cpu", bf16_cpu=bf16_cpu) == (
+        torch.bfloat16 if expected else torch.float32
+    )
+
+
+def test_this_machine_is_read_by_architecture():
+    assert machine_architecture("AMD64") == "x86_64"
+    assert machine_architecture("arm64") == "aarch64"
+    assert cpuinfo_features(PI5_CPUINFO, "aarch64") >= {"fp", "asimd", "asimdhp"}
+    assert cpuinfo_features(XEON_CPUINFO, "aarch64") is None
+    assert "avx512_bf16" in cpuinfo_features(XEON_CPUINFO, "x86_64")
+
+
+def test_precision_and_memory_choices():
     assert choose_dtype("auto", "cuda") == torch.float16
-    assert choose_dtype("auto", "cpu", bf16_cpu=True) == torch.bfloat16
-    assert choose_dtype("auto", "cpu", bf16_cpu=False) == torch.float32
     assert choose_dtype("float32", "cpu", bf16_cpu=True) == torch.float32
-    assert use_half_weights("on", "cpu", torch.bfloat16)
-    assert not use_half_weights("auto", "cpu", torch.bfloat16)
-    assert not use_half_weights("off", "cpu", torch.float32)
+    assert use_half_weights("on", "cpu", torch.bfloat16, 64 * 2**30)
+    assert not use_half_weights("auto", "cpu", torch.bfloat16, 4 * 2**30)
+    assert not use_half_weights("off", "cpu", torch.float32, 4 * 2**30)
+    # auto follows the memory limit that applies (a cgroup's), not the machine's memory.
+    assert use_half_weights("auto", "cpu", torch.float32, 7 * 2**30)
+    assert not use_half_weights("auto", "cpu", torch.float32, 32 * 2**30)

@@ -1,0 +1,172 @@
+"""Where the model runs and in which precision: device, compute dtype, weight storage, files.
+
+Each ``auto`` is decided from the machine itself: its architecture, torch's own CPU capability
+query (CPUID on x86, the kernel's hardware capabilities on Arm) and the memory limit that applies
+to the process. ``/proc/cpuinfo`` is read only in the line of the machine's own architecture:
+under qemu-user emulation an arm64 root sees the host's x86 ``flags`` line, which must not make
+an emulated Pi 5 pick bfloat16.
+
+Only the worker process imports this module (it imports torch).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from agent.memory import GIB
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BF16_FEATURES = {
+    "x86_64": ("avx512_bf16", "amx_bf16"),
+    "aarch64": ("bf16",),
+}
+"""CPU features that make bfloat16 matrix maths several times faster than float32, per
+architecture, under the names both torch and ``/proc/cpuinfo`` use."""
+CPUINFO_FEATURE_LINE = {"x86_64": "flags", "aarch64": "Features"}
+HALF_WEIGHTS_BELOW_BYTES = 16 * GIB
+"""float32 SDXL holds 13.4 GB after load and peaks near 18 GB: below 16 GiB, store weights in
+half precision."""
+
+
+def machine_architecture(machine: str | None = None) -> str:
+    """Return the architecture as torch and the kernel name it: ``x86_64`` or ``aarch64``."""
+    name = (machine or platform.machine()).lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def cpuinfo_features(cpuinfo: str, architecture: str) -> set[str] | None:
+    """Return the features ``/proc/cpuinfo`` lists for this architecture.
+
+    Returns:
+        The feature names, or None when the text has no line for this architecture (another
+        architecture's text, as under emulation, or no text at all).
+    """
+    key = CPUINFO_FEATURE_LINE.get(architecture)
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if key is not None and name.strip() == key:
+            return set(value.split())
+    return None
+
+
+def torch_cpu_capabilities() -> Mapping[str, Any] | None:
+    """Return torch's CPU capability query (CPUID / hwcaps), where this torch has it."""
+    query = getattr(torch.cpu, "get_capabilities", None)
+    return query() if query is not None else None
+
+
+def cpu_has_bf16(
+    architecture: str,
+    cpuinfo: str,
+    capabilities: Mapping[str, Any] | None,
+) -> bool:
+    """Return whether this CPU computes bfloat16 natively.
+
+    Both witnesses must agree where both speak: torch's capability query, and the feature line
+    of ``/proc/cpuinfo`` for this architecture. A cpuinfo with no such line (another
+    architecture's text under emulation) is no witness.
+
+    Args:
+        architecture: ``x86_64`` or ``aarch64`` (:func:`machine_architecture`).
+        cpuinfo: The text of ``/proc/cpuinfo``.
+        capabilities: :func:`torch_cpu_capabilities`, or None where torch has no such query.
+    """
+    wanted = BF16_FEATURES.get(architecture, ())
+    listed = cpuinfo_features(cpuinfo, architecture)
+    if capabilities is None and listed is None:
+        return False
+    by_torch = capabilities is None or any(capabilities.get(name) for name in wanted)
+    by_cpuinfo = listed is None or any(name in listed for name in wanted)
+    return by_torch and by_cpuinfo
+
+
+def machine_has_bf16() -> bool:
+    """Return whether this machine's CPU computes bfloat16 natively (:func:`cpu_has_bf16`)."""
+    return cpu_has_bf16(machine_architecture(), read_cpuinfo(), torch_cpu_capabilities())
+
+
+def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
+    """Return ``/proc/cpuinfo``, or nothing where it cannot be read."""
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return ""
+
+
+def choose_device(setting: str) -> str:
+    """Return the torch device: ``auto`` means cuda where a GPU is present, else cpu."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def choose_dtype(setting: str, device: str, *, bf16_cpu: bool | None = None) -> torch.dtype:
+    """Return the precision: auto is float16 on cuda, bfloat16 on a CPU with it, else float32.
+
+    Args:
+        setting: ``auto`` or a dtype name.
+        device: ``cpu`` or ``cuda``.
+        bf16_cpu: Whether the CPU computes bfloat16 natively; asked of the machine when None.
+    """
+    if setting != "auto":
+        return DTYPES[setting]
+    if device == "cuda":
+        return torch.float16
+    if bf16_cpu is None:
+        bf16_cpu = machine_has_bf16()
+    return torch.bfloat16 if bf16_cpu else torch.float32
+
+
+def use_half_weights(setting: str, device: str, dtype: torch.dtype, memory_limit: int) -> bool:
+    """Return whether to store linear and convolution weights in float16, computing in float32.
+
+    Args:
+        setting: ``auto``, ``on`` or ``off``.
+        device: ``cpu`` or ``cuda``.
+        dtype: The compute precision.
+        memory_limit: Bytes this process may use (its cgroup's limit, else physical memory).
+    """
+    if setting != "auto":
+        return setting == "on"
+    return device == "cpu" and dtype == torch.float32 and memory_limit < HALF_WEIGHTS_BELOW_BYTES
+
+
+def choose_variant(setting: str, model: str) -> str | None:
+    """Return the weight files to load: ``auto`` takes the fp16 files where the model has them.
+
+    A hub id gets ``fp16`` (SDXL-Turbo's fp16 files are half the download and load without a
+    conversion); a local folder gets it only when it holds ``*.fp16.safetensors`` files.
+    """
+    if setting != "auto":
+        return setting or None
+    folder = Path(model)
+    if not folder.is_dir():
+        return "fp16"
+    return "fp16" if any(folder.glob("*/*.fp16.safetensors")) else None
+
+
+def load_dtype(
+    device: str, dtype: torch.dtype, *, variant: str | None, half_weights: bool
+) -> torch.dtype:
+    """Return the precision to load in: on a CPU, float16 when the weights end in 16 bits.
+
+    Loading in the checkpoint's own precision maps the files without a copy: weights kept in
+    that precision stay file-backed, and :func:`agent.weights.place_weights` converts the others
+    one tensor at a time. A float32 model from full-precision files is loaded as float32, so it
+    loses nothing.
+    """
+    if device == "cpu" and (half_weights or dtype != torch.float32 or variant == "fp16"):
+        return torch.float16
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Return the setting name of a torch dtype (``float32`` for ``torch.float32``)."""
+    return str(dtype).removeprefix("torch.")

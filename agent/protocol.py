@@ -1,0 +1,138 @@
+"""The worker protocol: every message between the daemon and the generation worker, typed.
+
+Both processes import this module; it imports neither torch nor the pipeline, so the daemon stays
+light and the worker's modules import it without a circle. Messages cross a ``multiprocessing``
+pipe (pickled frozen dataclasses); a stop request is :class:`Stop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.settings import ImageFormat, Settings
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How to load and run the pipeline (the worker's share of the settings)."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0
+    variant: str = "auto"
+    tiny_vae: str = ""
+    half_weights: str = "auto"
+    channels_last: bool = True
+    warmup: bool = True
+    prompt_cache_size: int = 16
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineOptions:
+        """Return the pipeline options the settings ask for."""
+        return cls(
+            model=settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            threads=settings.torch_threads,
+            variant=settings.model_variant,
+            tiny_vae=settings.tiny_vae,
+            half_weights=settings.half_weights,
+            channels_last=settings.channels_last,
+            warmup=settings.warmup,
+            prompt_cache_size=settings.prompt_cache_size,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the worker needs to load the model and encode images."""
+
+    pipeline: PipelineOptions
+    jpeg_quality: int
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """Daemon to worker: generate one image and encode it."""
+
+    id: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    format: ImageFormat
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Daemon to worker: exit after the current job."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker to daemon: the model is loaded."""
+
+    model: str
+    device: str
+    dtype: str
+    pipeline_class: str
+    load_seconds: float
+    warmup_seconds: float
+    levers: str
+    mapped_bytes: int
+    """Weights left in the mapped checkpoint files (file-backed, the kernel may drop them)."""
+    copied_bytes: int
+    """Weights converted into the worker's own memory (float32 norms and embeddings, say)."""
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """The model could not be loaded; the worker exits after sending this."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A denoising step finished."""
+
+    job_id: str
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job's image, encoded, with the time per stage."""
+
+    job_id: str
+    data: bytes
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A job raised inside the pipeline; the worker goes on with the next one."""
+
+    job_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A job was stopped at a step boundary."""
+
+    job_id: str
+
+
+WorkerEvent = Ready | LoadFailed | Progress | Finished | Failed | Cancelled
+"""What the worker sends."""
+WorkerCommand = GenerateJob | Stop
+"""What the daemon sends."""
