@@ -129,7 +129,10 @@ class Text2Image:
         self.device = choose_device(options.device)
         self.dtype = choose_dtype(options.dtype, self.device)
         limit = memory_limit()
-        half_weights = use_half_weights(options.half_weights, self.device, self.dtype, limit.bytes)
+        # int8 storage dequantizes convolutions the way float16 storage upcasts: it implies it.
+        half_weights = options.int8_weights or use_half_weights(
+            options.half_weights, self.device, self.dtype, limit.bytes
+        )
         # The lean path gives freed memory back after each job, so between jobs the worker holds
         # its weights' file pages and little else.
         self._lean = half_weights
@@ -161,6 +164,7 @@ class Text2Image:
                     component,
                     self.dtype,
                     arena=arena if name in HALF_STORED_COMPONENTS else None,
+                    int8=options.int8_weights,
                     channels_last=options.channels_last,
                 )
                 for name, component in self._pipeline.components.items()
@@ -178,7 +182,9 @@ class Text2Image:
             (arena.nbytes if arena is not None else 0) / GIB,
             limit.describe(),
         )
-        if half_weights:
+        if options.int8_weights:
+            levers.append("int8-weights")
+        elif half_weights:
             levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)
         if options.channels_last:

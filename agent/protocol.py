@@ -25,6 +25,7 @@ class PipelineOptions:
     variant: str = "auto"
     tiny_vae: str = ""
     half_weights: str = "auto"
+    int8_weights: bool = False
     channels_last: bool = True
     warmup: bool = True
     prompt_cache_size: int = 16
@@ -40,6 +41,7 @@ class PipelineOptions:
             variant=settings.model_variant,
             tiny_vae=settings.tiny_vae,
             half_weights=settings.half_weights,
+            int8_weights=settings.int8_weights,
             channels_last=settings.channels_last,
             warmup=settings.warmup,
             prompt_cache_size=settings.prompt_cache_size,

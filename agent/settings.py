@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         "in float32 (each layer upcast while it runs), halving the model's memory at some speed; "
         "auto: on when float32 runs on a CPU with less than 16 GiB of memory.",
     )
+    int8_weights: bool = Field(
+        default=False,
+        description="Store the linear and convolution weights of the UNet and text encoders as "
+        "int8 (weight-only, one scale per output channel; needs the int8 extra, torchao): about "
+        "half the memory of float16. Off by default: its effect on image quality could not be "
+        "checked on the real weights.",
+    )
     channels_last: bool = Field(
         default=True, description="Run the UNet and the decoder in channels_last memory format."
     )

@@ -119,6 +119,9 @@ HALF_LOOKUP_LAYERS = (torch.nn.Embedding,)
 """Layers that read a few rows of a float16 table and hand them on in the compute precision: the
 two CLIP token embeddings, 0.4 GB as float32 copies."""
 _HALF = "_edgeai_half"
+_INT8 = "_edgeai_int8"
+INT8_SCALE = "weight_scale"
+"""The buffer beside an int8 convolution weight: one scale per output channel."""
 
 
 class UpcastArena:
@@ -146,16 +149,23 @@ class UpcastArena:
         if numel > self._buffer.numel():
             self._buffer = torch.empty(numel, dtype=self.compute)
 
-    def lend(self, weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def lend(
+        self, weight: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, bool]:
         """Return ``weight`` upcast, and whether it lies in the buffer (to be given back).
 
         A layer that runs while another holds the buffer (none does in diffusers' models) gets
         a fresh copy instead.
+
+        Args:
+            weight: A float16 weight, or an int8 one.
+            scale: For an int8 weight, the scale of each output channel.
         """
         four_d = weight.dim() == 4 and self.channels_last
         if self._lent or weight.numel() > self._buffer.numel():
             memory_format = torch.channels_last if four_d else torch.contiguous_format
-            return weight.to(self.compute, memory_format=memory_format), False
+            upcast = weight.to(self.compute, memory_format=memory_format)
+            return (upcast if scale is None else upcast.mul_(scale)), False
         self._lent = True
         flat = self._buffer[: weight.numel()]
         if four_d:
@@ -163,7 +173,8 @@ class UpcastArena:
             view = flat.view(out, height, width, channels).permute(0, 3, 1, 2)
         else:
             view = flat.view(weight.shape)
-        return view.copy_(weight), True
+        view.copy_(weight)
+        return (view if scale is None else view.mul_(scale)), True
 
     def give_back(self) -> None:
         """The layer that borrowed the buffer has run."""
@@ -192,10 +203,11 @@ class UpcastOnUse:
         tensors = layer._buffers  # noqa: SLF001 - swapped for one call
         self._stored = dict(tensors)
         for name, stored in self._stored.items():
-            if stored is None:
+            if stored is None or name == INT8_SCALE:
                 continue
             if name == "weight":
-                tensors[name], self._borrowed = self.arena.lend(stored)
+                scale = self._stored.get(INT8_SCALE)
+                tensors[name], self._borrowed = self.arena.lend(stored, scale)
             else:
                 tensors[name] = stored.to(self.arena.compute)
 
@@ -242,7 +254,7 @@ def store_in_half(module: torch.nn.Module, arena: UpcastArena) -> int:
     """
     count = 0
     for layer in module.modules():
-        if hasattr(layer, _HALF):
+        if hasattr(layer, _HALF) or hasattr(layer, _INT8):
             continue
         if isinstance(layer, HALF_STORED_LAYERS):
             hooks = UpcastOnUse(arena)
@@ -259,6 +271,64 @@ def store_in_half(module: torch.nn.Module, arena: UpcastArena) -> int:
         setattr(layer, _HALF, True)
         count += 1
     return count
+
+
+def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+def store_in_int8(module: torch.nn.Module, arena: UpcastArena, pages: MappedPages) -> int:
+    """Quantize linear and convolution weights to int8 (weight-only, one scale per channel).
+
+    Linear layers go through torchao's ``Int8WeightOnlyConfig``, whose matrix multiply reads the
+    int8 weights directly (``_weight_int8pack_mm``). torchao has no int8 convolution, so each
+    convolution keeps an int8 weight and its scales as buffers and borrows a dequantized copy
+    from ``arena`` while it runs, as float16 layers do. One layer at a time, from the mapped
+    float16 weights, whose pages are handed back at once: the peak is the int8 model plus one
+    layer in the compute precision.
+
+    Returns:
+        Bytes of int8 weights and scales, in the worker's own memory.
+    """
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415 - optional
+
+    config = Int8WeightOnlyConfig(set_inductor_config=False)
+    stored = 0
+    for layer in module.modules():
+        if hasattr(layer, _INT8) or not isinstance(layer, HALF_STORED_LAYERS):
+            continue
+        weight = layer.weight
+        bias = getattr(layer, "bias", None)
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight = torch.nn.Parameter(
+                weight.detach().to(arena.compute), requires_grad=False
+            )
+            quantize_(layer, config)
+            stored += layer.weight.qdata.nbytes + layer.weight.scale.nbytes
+        else:
+            full = weight.detach().to(torch.float32)
+            dims = tuple(range(1, full.dim()))
+            scale = full.abs().amax(dim=dims, keepdim=True).clamp(min=1e-12) / 127
+            quantized = torch.round(full / scale).clamp(-127, 127).to(torch.int8)
+            del layer._parameters["weight"]  # noqa: SLF001 - held as buffers, as float16 layers
+            layer.register_buffer("weight", quantized)
+            layer.register_buffer(INT8_SCALE, scale.to(arena.compute))
+            hooks = UpcastOnUse(arena)
+            layer.register_forward_pre_hook(hooks.before)
+            layer.register_forward_hook(hooks.after, always_call=True)
+            arena.reserve(quantized.numel())
+            stored += quantized.nbytes + scale.nbytes
+        if bias is not None:
+            if "bias" in layer._parameters:  # noqa: SLF001
+                layer.bias = torch.nn.Parameter(
+                    bias.detach().to(arena.compute), requires_grad=False
+                )
+            else:
+                layer.register_buffer("bias", bias.detach().to(arena.compute))
+            pages.release(bias)
+        pages.release(weight)
+        setattr(layer, _INT8, True)
+    return stored
 
 
 def layer_dtype(layer: torch.nn.Module, compute: torch.dtype) -> torch.dtype:
@@ -307,6 +377,8 @@ def settle_weights(
     releaser = MappedPages()
     placement = Placement()
     for layer in module.modules():
+        if hasattr(layer, _INT8):
+            continue  # final already, in the worker's own memory
         target = layer_dtype(layer, compute)
         relayout = channels_last and not hasattr(layer, _HALF)
         for tensors in (layer._parameters, layer._buffers):  # noqa: SLF001 - swapped in place
@@ -340,19 +412,27 @@ def place_weights(
     *,
     arena: UpcastArena | None,
     channels_last: bool,
+    int8: bool = False,
 ) -> Placement:
     """Put a model's weights in their final precision and layout, copying only what changes.
 
     Args:
         module: A pipeline component, as loaded.
         compute: The precision it computes in.
-        arena: Keep linear and convolution weights in float16, upcast into this buffer while
-            each layer runs (:func:`store_in_half`); None keeps every weight in ``compute``.
+        arena: Keep linear and convolution weights in float16 (or int8), upcast into this buffer
+            while each layer runs (:func:`store_in_half`); None keeps every weight in ``compute``.
         channels_last: Lay convolution weights out as channels_last.
+        int8: With an arena, quantize linear and convolution weights to int8
+            (:func:`store_in_int8`).
 
     Returns:
         Where the weights ended up.
     """
+    quantized = 0
     if arena is not None:
+        if int8:
+            quantized = store_in_int8(module, arena, MappedPages())
         store_in_half(module, arena)
-    return settle_weights(module, compute, channels_last=channels_last)
+    placement = settle_weights(module, compute, channels_last=channels_last)
+    placement.copied += quantized
+    return placement

@@ -1,23 +1,21 @@
-"""Benchmark the generation path on SDXL-Turbo's real architecture with random weights.
+"""The generation path in one process, on SDXL-Turbo's real architecture with random weights.
 
 Random weights cost exactly what the real ones cost. The first run builds the model once from
 ``../shared/sdxl-turbo-config/`` (float16 safetensors in the hub's layout, so loading is measured
 too; the CLIP vocabulary is rebuilt from the BPE file that the ``open_clip_torch`` wheel ships)
-and caches it in ``~/.cache/edgeai-bench`` (``EDGEAI_BENCH_CACHE``). Then each case runs in a
-fresh process:
+and caches it in ``~/.cache/edgeai-bench`` (``EDGEAI_BENCH_CACHE``). One case runs per process:
 
   (a) the seed app: AutoPipelineForText2Image, float32, 800x800, 10 steps, default guidance
   (b) plain diffusers at SDXL-Turbo's reference: 512x512, 1 step, guidance 0, float32
-  (c) the agent's generation path with its default settings
+  (c) the agent's generation path with its default settings, in this process
   (d) the agent's path forced to float32 (a Raspberry Pi has no bfloat16)
-  (e) the agent as on an 8 GB Raspberry Pi: float32 compute, float16 weight storage
+  (e) the agent as on a Raspberry Pi: float32 compute, float16 weight storage
 
-It prints time per stage, total, peak RSS and load time per case, then the ratios (a)/(c),
-(b)/(c), (b)/(d) and (b)/(e), as a markdown table and as JSON. Cases (b) to (e) are timed warm,
-three times with a new prompt each, and show the median run.
+``tests/bench/suite.py`` (``scripts/bench``) runs (b) from here beside the agent end to end, and
+``tests/bench/versus_openvino.py`` runs (b) and (c) from here beside OpenVINO. Cases (b) to (e)
+are timed warm, with a new prompt each time.
 
-    scripts/bench                                      # every case; installs what is missing
-    .venv/bin/python tests/bench/pipeline.py --cases bce
+    .venv/bin/python tests/bench/pipeline.py --case c --repeats 3
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ OPEN_CLIP = "open_clip_torch==3.3.0"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 PROMPT = "a happy black dog, cartoon style, highly detailed"
 REPEATS = 3
-"""Timed generations per 512x512 case; the table shows the median one."""
+"""Timed generations per 512x512 case by default (--repeats)."""
 CASES = {
     "a": "seed app: float32, 800x800, 10 steps, guidance 5.0",
     "b": "plain diffusers: float32, 512x512, 1 step, guidance 0",
@@ -140,7 +138,7 @@ def png_seconds(image: object) -> float:
     return time.perf_counter() - begun
 
 
-def run_plain(case: str) -> dict[str, object]:
+def run_plain(case: str, repeats: int = REPEATS) -> dict[str, object]:
     """Cases (a) and (b): diffusers as the seed app used it, timed from outside."""
     import torch  # noqa: PLC0415
     from diffusers import AutoPipelineForText2Image  # noqa: PLC0415
@@ -171,7 +169,7 @@ def run_plain(case: str) -> dict[str, object]:
     if case != "a":  # (b) is timed warm, like the agent after its warm-up
         pipeline(prompt="warm-up", **arguments)
     runs = []
-    for repeat in range(1 if case == "a" else REPEATS):
+    for repeat in range(1 if case == "a" else repeats):
         stages = {"text_encoders": 0.0, "decode": 0.0}
         begun = time.perf_counter()
         image = pipeline(
@@ -197,7 +195,7 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return {**ordered[len(ordered) // 2], "runs": [round(run["total_s"], 2) for run in runs]}  # type: ignore[dict-item]
 
 
-def run_agent(case: str) -> dict[str, object]:
+def run_agent(case: str, repeats: int = REPEATS) -> dict[str, object]:
     """Cases (c), (d) and (e): the agent's own generation path."""
     from agent.pipeline import Text2Image  # noqa: PLC0415
     from agent.protocol import PipelineOptions  # noqa: PLC0415
@@ -216,7 +214,7 @@ def run_agent(case: str) -> dict[str, object]:
     model = Text2Image(options)
     load = time.perf_counter() - begun
     runs = []
-    for repeat in range(REPEATS):  # a new prompt each time: the prompt cache stays out of it
+    for repeat in range(repeats):  # a new prompt each time: the prompt cache stays out of it
         begun = time.perf_counter()
         image, timings = model.generate(
             prompt=f"{PROMPT} {repeat}",
@@ -248,23 +246,9 @@ def run_agent(case: str) -> dict[str, object]:
     }
 
 
-def machine() -> str:
-    """Return the CPU, its core count, memory and the library versions, for the table's caption."""
-    import diffusers  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    cpuinfo = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB; torch {torch.__version__},"
-        f" diffusers {diffusers.__version__}"
-    )
-
-
-def run_case(case: str) -> dict[str, object]:
+def run_case(case: str, repeats: int = REPEATS) -> dict[str, object]:
     """Run one case in this process."""
-    return run_plain(case) if case in "ab" else run_agent(case)
+    return run_plain(case, repeats) if case in "ab" else run_agent(case, repeats)
 
 
 # --- the whole benchmark --------------------------------------------------------------------
@@ -275,6 +259,7 @@ def parse_arguments(description: str | None, cases: str) -> argparse.Namespace:
     )
     parser.add_argument("--cases", default=cases)
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=REPEATS)
     return parser.parse_args()
 
 
@@ -284,10 +269,15 @@ def report_result(result: dict[str, object]) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def case_in_fresh_process(python: str | Path, script: str | Path, case: str) -> dict[str, object]:
+def case_in_fresh_process(
+    python: str | Path, script: str | Path, case: str, repeats: int = REPEATS
+) -> dict[str, object]:
     """Run ``script --case CASE`` with ``python`` and return what its report_result printed."""
     completed = subprocess.run(
-        [python, script, "--case", case], capture_output=True, text=True, check=False
+        [python, script, "--case", case, "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     lines = [text for text in completed.stdout.splitlines() if text.startswith("RESULT ")]
     if not lines:
@@ -297,39 +287,11 @@ def case_in_fresh_process(python: str | Path, script: str | Path, case: str) -> 
 
 
 def main() -> None:
-    """Run every case in a fresh process and print the table and the ratios."""
-    arguments = parse_arguments(__doc__, "abcde")
-    if arguments.case:
-        report_result(run_case(arguments.case))
-        return
+    """Run the one case ``--case`` names in this process and print its RESULT line."""
+    arguments = parse_arguments(__doc__, "c")
     if not (MODEL / "model_index.json").exists() or not (TAESDXL / "config.json").exists():
         build_model()
-    results: dict[str, dict[str, object]] = {}
-    for case in arguments.cases:
-        began = time.perf_counter()
-        results[case] = case_in_fresh_process(sys.executable, __file__, case)
-        print(f"case {case} done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
-    print(f"\nMachine: {machine()}; cases in fresh processes.\n")
-    print(
-        "| case | text encoders s | denoise s | decode s | image encoding s | total s"
-        " | peak RSS GB | load s |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for case, result in results.items():
-        print(
-            f"| ({case}) {CASES[case]} | {result['text_encoders_s']:.2f}"
-            f" | {result['denoise_s']:.2f} | {result['decode_s']:.2f}"
-            f" | {result['image_encoding_s']:.3f} | {result['total_s']:.2f}"
-            f" | {result['peak_rss_gb']:.2f} | {result['load_s']:.1f} |"
-        )
-    ratios = {}
-    for top, bottom in (("a", "c"), ("b", "c"), ("b", "d"), ("b", "e")):
-        if top in results and bottom in results:
-            ratio = float(results[top]["total_s"]) / float(results[bottom]["total_s"])  # type: ignore[arg-type]
-            ratios[f"{top}/{bottom}"] = round(ratio, 2)
-            print(f"\n({top})/({bottom}) = {ratio:.2f}x", end="")
-    print("\n")
-    print(json.dumps({"cases": results, "ratios": ratios}, indent=2))
+    report_result(run_case(arguments.case or arguments.cases[0], arguments.repeats))
 
 
 if __name__ == "__main__":

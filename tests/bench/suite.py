@@ -1,0 +1,369 @@
+"""The benchmark: the agent as a user runs it, against plain diffusers and the CPU's own limit.
+
+Each agent case starts the real agent (``python -m agent``, settings from the environment, a
+mosquitto broker from the project's config) on SDXL-Turbo's real architecture with random
+weights, sends requests over MQTT one after another (512x512, 1 step, a new prompt each) and
+times each result's arrival. Plain diffusers runs in a fresh process of its own. A shared machine
+is noisy, so the run is built to see through it:
+
+- the cases are interleaved: every round runs each case once, in a rotated order;
+- every round first measures this CPU's float32 and bfloat16 matrix-multiply rates, and each
+  sample is reported as a share of the matching rate measured the same minute;
+- min and median over every round (at least 5 by default).
+
+Cases with a memory limit run the agent, daemon and worker, inside a memory cgroup of that size
+(the model's files are evicted from the page cache first, so their pages are charged there), and
+report the cgroup's anonymous and file-backed memory, page-ins, and worker restarts.
+
+    scripts/bench                                  # the default cases, 5 rounds
+    scripts/bench --cases c,e,e7,e4 --rounds 5     # a subset
+    scripts/bench --cases list                     # every case
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import machine  # noqa: E402
+from pipeline import MODEL, PROMPT, TAESDXL, build_model, case_in_fresh_process  # noqa: E402
+
+from tests import cgroups  # noqa: E402
+from tests.conftest import AgentProcess, Broker, start_broker  # noqa: E402
+
+GIB = 2**30
+PI_PATH = {"EDGEAI_DTYPE": "float32", "EDGEAI_HALF_WEIGHTS": "on"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One way of producing the image, measured the same way as every other."""
+
+    title: str
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    precision: str = "auto"
+    """The matrix rate it is a share of: float32, bfloat16, or auto (this CPU's default)."""
+    limit_gib: float | None = None
+    plain: bool = False
+    """Plain diffusers in a fresh process (pipeline.py), not the agent."""
+
+
+CASES = {
+    "b": Case(
+        "plain diffusers: float32, 512x512, 1 step, guidance 0", plain=True, precision="float32"
+    ),
+    "c": Case("the agent, default settings"),
+    "d": Case(
+        "the agent forced to float32 (float32 weights)",
+        {"EDGEAI_DTYPE": "float32", "EDGEAI_HALF_WEIGHTS": "off"},
+        "float32",
+    ),
+    "e": Case("the Pi path: float32 compute, float16 weights", PI_PATH, "float32"),
+    "e7": Case("the Pi path in a 7 GiB cgroup (an 8 GB Pi)", PI_PATH, "float32", 7),
+    "e4": Case("the Pi path in a 4 GiB cgroup (a 4 GB Pi)", PI_PATH, "float32", 4),
+    "i": Case(
+        "int8 weights, float32 compute", {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"}, "float32"
+    ),
+    "i7": Case(
+        "int8 weights, float32 compute, in a 7 GiB cgroup",
+        {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"},
+        "float32",
+        7,
+    ),
+}
+DEFAULT_CASES = "b,c,d,e,e7,e4,i"
+
+
+@dataclasses.dataclass
+class Sample:
+    """One round of one case."""
+
+    rates: dict[str, float]
+    latencies: list[float]
+    """Seconds from publishing each request to receiving its result (the first one first)."""
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Median seconds per stage, as the results report them."""
+    memory: dict[str, float] = dataclasses.field(default_factory=dict)
+    load_s: float = 0.0
+
+
+def evict_model_files() -> None:
+    """Drop the model's files from the page cache, so a cgroup pays for reading them."""
+    for path in (*MODEL.rglob("*"), *TAESDXL.rglob("*")):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+
+
+def proc_values(pid: int) -> dict[str, float]:
+    """Return a process's memory (GiB) and the bytes it has read from storage (GB)."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon", "RssFile"):
+            values[key] = int(value.split()[0]) * 1024 / GIB
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "read_bytes":
+            values["read_gb"] = int(value) / 1e9
+    return values
+
+
+def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -> Sample:
+    """Start the agent with the case's settings, send ``jobs`` requests, measure, stop it."""
+    env = {"EDGEAI_TORCH_THREADS": "0", "EDGEAI_TINY_VAE": str(TAESDXL), **case.env}
+    agent = AgentProcess(broker, MODEL, folder, env)
+    cgroup = None
+    if case.limit_gib is not None:
+        cgroup = cgroups.create(int(case.limit_gib * GIB), "edgeai-bench")
+        evict_model_files()
+        agent.cgroup = cgroup
+    client = broker.client()
+    try:
+        begun = time.monotonic()
+        agent.start(wait=False)
+        agent.wait_state("idle", timeout=900)
+        load_s = time.monotonic() - begun
+        pid = int(json.loads(agent.http_get("/healthz")[2])["worker_pid"])
+        before = proc_values(pid)
+        client.subscribe(f"{agent.base}/result/+")
+        latencies, results = [], []
+        for index in range(jobs):
+            job_id = uuid.uuid4().hex[:12]
+            request = {"id": job_id, "prompt": f"{PROMPT}, {label} {index}", "output": "url"}
+            sent = time.monotonic()
+            client.publish(f"{agent.base}/generate", json.dumps(request))
+            result = client.wait_for(f"{agent.base}/result/{job_id}", timeout=900).json()
+            latencies.append(time.monotonic() - sent)
+            if result["status"] != "ok":
+                raise SystemExit(f"{label}: job failed: {result}\n{agent.log()[-3000:]}")
+            results.append(result["timings"])
+        after = proc_values(pid)
+        memory = {
+            "peak_gib": after["VmHWM"],
+            "anon_gib": after["RssAnon"],
+            "file_gib": after["RssFile"],
+            "page_ins_gb": after["read_gb"] - before["read_gb"],
+            "restarts": agent.metric("edgeai_worker_restarts_total") or 0.0,
+        }
+        if cgroup is not None:
+            stat = cgroup.stat()
+            memory["cgroup_anon_gib"] = stat.get("total_rss", stat.get("anon", 0)) / GIB
+            memory["cgroup_file_gib"] = stat.get("total_cache", stat.get("file", 0)) / GIB
+            memory["cgroup_peak_gib"] = (cgroup.peak() or 0) / GIB
+            memory["oom_kills"] = float(cgroup.oom_kills())
+        stages = {
+            stage: statistics.median(timings[f"{stage}_s"] for timings in results)
+            for stage in ("text_encoding", "denoising", "decoding", "encoding")
+        }
+        return Sample({}, latencies, stages, memory, load_s)
+    finally:
+        client.close()
+        agent.stop()
+        if cgroup is not None:
+            cgroup.remove()
+
+
+def run_plain(jobs: int) -> Sample:
+    """Plain diffusers, float32, in a fresh process: one warm-up, then timed runs."""
+    result = case_in_fresh_process(sys.executable, HERE / "pipeline.py", "b", repeats=jobs)
+    stages = {
+        "text_encoding": float(result["text_encoders_s"]),  # type: ignore[arg-type]
+        "denoising": float(result["denoise_s"]),  # type: ignore[arg-type]
+        "decoding": float(result["decode_s"]),  # type: ignore[arg-type]
+    }
+    memory = {"peak_gib": float(result["peak_rss_gb"]) * 1e9 / GIB}  # type: ignore[arg-type]
+    runs = [float(total) for total in result["runs"]]  # type: ignore[union-attr]
+    return Sample({}, runs, stages, memory, float(result["load_s"]))  # type: ignore[arg-type]
+
+
+def fresh_rates() -> dict[str, float]:
+    """Measure the matrix rates in a fresh process (the cases' processes are fresh too)."""
+    completed = subprocess.run(
+        [sys.executable, str(HERE / "machine.py"), "--rates"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def precision_of(case: Case) -> str:
+    if case.precision != "auto":
+        return case.precision
+    sys.path.insert(0, str(ROOT))
+    from agent.precision import machine_has_bf16  # noqa: PLC0415
+
+    return "bfloat16" if machine_has_bf16() else "float32"
+
+
+def summarize(case_id: str, case: Case, samples: list[Sample], flops: dict[str, float]) -> dict:
+    """Return min/median latency, shares of the matching rate, first job, memory."""
+    precision = precision_of(case)
+    decoder = flops["full_decoder"] if case.plain else flops["tiny_decoder"]
+    image_gflop = flops["text_encoders"] + flops["unet"] + decoder
+    steady = [latency for sample in samples for latency in sample.latencies[1:]]
+    if case.plain:  # every run of plain diffusers is warm (it had its own warm-up)
+        steady = [latency for sample in samples for latency in sample.latencies]
+    image_shares = [
+        image_gflop / latency / sample.rates[precision]
+        for sample in samples
+        for latency in (sample.latencies if case.plain else sample.latencies[1:])
+    ]
+    denoise_shares = [
+        flops["unet"] / sample.stages["denoising"] / sample.rates[precision] for sample in samples
+    ]
+    firsts = [
+        sample.latencies[0] / statistics.median(sample.latencies[1:])
+        for sample in samples
+        if len(sample.latencies) > 1 and not case.plain
+    ]
+
+    def median_of(key: str, source: str = "memory") -> float | None:
+        values = [getattr(sample, source).get(key) for sample in samples]
+        present = [value for value in values if value is not None]
+        return statistics.median(present) if present else None
+
+    return {
+        "case": case_id,
+        "title": case.title,
+        "precision": precision,
+        "samples": len(steady),
+        "latency_min_s": min(steady),
+        "latency_median_s": statistics.median(steady),
+        "first_job_over_median": statistics.median(firsts) if firsts else None,
+        "stages_s": {key: median_of(key, "stages") for key in samples[0].stages},
+        "share_image_median": statistics.median(image_shares),
+        "share_image_max": max(image_shares),
+        "share_denoise_median": statistics.median(denoise_shares),
+        "load_s": statistics.median(sample.load_s for sample in samples),
+        "memory": {key: median_of(key) for key in samples[0].memory},
+    }
+
+
+def cell(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(rows: list[dict], rates: list[dict[str, float]]) -> None:
+    """Print the markdown table, the rates and the ratios against plain diffusers."""
+    print(f"\nMachine: {machine.describe()}")
+    for precision in machine.PRECISIONS:
+        values = [rate[precision] for rate in rates]
+        print(
+            f"{precision} matmul rate (4096^3, every core), {len(values)} rounds: "
+            f"min {min(values):.0f}, median {statistics.median(values):.0f}, "
+            f"max {max(values):.0f} GFLOP/s"
+        )
+    print(
+        "\n| case | end to end min s | median s | first job / median | text enc. s | denoise s"
+        " | decode s | share of rate: image (best) | denoise | load s | peak GiB | anon GiB"
+        " | file GiB | page-ins GB | restarts |"
+    )
+    print("| --- |" + " --- |" * 15)
+    for row in rows:
+        stages, memory = row["stages_s"], row["memory"]
+        anon = memory.get("cgroup_anon_gib", memory.get("anon_gib"))
+        file_backed = memory.get("cgroup_file_gib", memory.get("file_gib"))
+        print(
+            f"| ({row['case']}) {row['title']} | {row['latency_min_s']:.2f}"
+            f" | {row['latency_median_s']:.2f} | {cell(row['first_job_over_median'])}"
+            f" | {cell(stages.get('text_encoding'))} | {cell(stages.get('denoising'))}"
+            f" | {cell(stages.get('decoding'))}"
+            f" | {row['share_image_median']:.0%} ({row['share_image_max']:.0%})"
+            f" of {row['precision']}"
+            f" | {row['share_denoise_median']:.0%} | {row['load_s']:.0f}"
+            f" | {cell(memory.get('peak_gib'))} | {cell(anon)} | {cell(file_backed)}"
+            f" | {cell(memory.get('page_ins_gb'))} | {cell(memory.get('restarts'), 0)} |"
+        )
+    by_case = {row["case"]: row for row in rows}
+    if "b" in by_case:
+        print()
+        for row in rows:
+            if row["case"] != "b":
+                ratio = by_case["b"]["latency_median_s"] / row["latency_median_s"]
+                print(f"(b)/({row['case']}) = {ratio:.2f}x (medians)")
+
+
+def main() -> None:
+    """Run the cases round after round, then print the table and the JSON."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated, or 'list'")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=3, help="requests per agent start")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    arguments = parser.parse_args()
+    if arguments.cases == "list":
+        for case_id, case in CASES.items():
+            print(f"{case_id:4} {case.title}")
+        return
+    chosen = arguments.cases.split(",")
+    unknown = [case_id for case_id in chosen if case_id not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; --cases list shows them")
+    if not (MODEL / "model_index.json").exists() or not (TAESDXL / "config.json").exists():
+        build_model()
+    flops = machine.cached_flops()
+    samples: dict[str, list[Sample]] = {case_id: [] for case_id in chosen}
+    rates: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="edgeai-bench-") as folder:
+        broker = start_broker(Path(folder) / "broker")
+        try:
+            for round_index in range(arguments.rounds):
+                rates.append(fresh_rates())
+                order = chosen[round_index % len(chosen) :] + chosen[: round_index % len(chosen)]
+                for case_id in order:
+                    case, began = CASES[case_id], time.monotonic()
+                    label = f"{case_id}-{round_index}"
+                    if case.plain:
+                        sample = run_plain(arguments.jobs)
+                    else:
+                        sample = run_agent(
+                            case, broker, Path(folder) / label, arguments.jobs, label
+                        )
+                    sample.rates = rates[-1]
+                    samples[case_id].append(sample)
+                    print(
+                        f"round {round_index + 1}/{arguments.rounds} ({case_id}):"
+                        f" {', '.join(f'{latency:.2f}' for latency in sample.latencies)} s"
+                        f" [{time.monotonic() - began:.0f} s]",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            broker.stop()
+    rows = [summarize(case_id, CASES[case_id], samples[case_id], flops) for case_id in chosen]
+    print_table(rows, rates)
+    report = {
+        "machine": machine.describe(),
+        "flops_gflop": flops,
+        "rates": rates,
+        "cases": rows,
+        "samples": {key: [dataclasses.asdict(s) for s in value] for key, value in samples.items()},
+    }
+    if arguments.json:
+        arguments.json.write_text(json.dumps(report, indent=2))
+    print("\n" + json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
