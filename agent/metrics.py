@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 
-from agent import thermal
+from agent.machine import thermal
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -117,13 +117,19 @@ class AgentMetrics:
         )
         self.queue_depth = Gauge(
             "edgeai_queue_depth",
-            "Jobs waiting to run (the running one excluded).",
+            "Jobs waiting to run (the running one excluded): the state topic's queue_depth.",
             registry=registry,
         )
         self.requests = Counter(
             "edgeai_requests",
             "Requests received, by outcome: accepted, or the error code they were refused with.",
             ["outcome"],
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "edgeai_api_requests",
+            "Requests received per entry point (mqtt, fleet, web, openai, a1111), by outcome.",
+            ["api", "outcome"],
             registry=registry,
         )
         self.jobs = Counter(

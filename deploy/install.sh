@@ -16,7 +16,9 @@ source_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 prefix=/opt/edgeai-agent
 state=/var/lib/edgeai-agent
 config=/etc/edgeai-agent
-torch_spec=${EDGEAI_TORCH_SPEC:-torch==2.13.0}
+# shellcheck source=scripts/lib.sh
+source "$source_dir/scripts/lib.sh"  # install_torch: the CPU build unless there is a GPU
+VENV=$prefix/.venv
 
 echo "== packages"
 apt-get update -qq
@@ -38,7 +40,9 @@ if [ ! -x "$prefix/.venv/bin/python" ]; then
   python3 -m venv "$prefix/.venv"
 fi
 "$prefix/.venv/bin/python" -m pip install -q --upgrade pip
-"$prefix/.venv/bin/python" -m pip install -q "$torch_spec"
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  install_torch
+fi
 "$prefix/.venv/bin/python" -m pip install -q --upgrade "$prefix/app"
 
 echo "== broker"

@@ -24,6 +24,7 @@ from tests.mqtt_client import TestClient
 from tests.tiny_pipeline import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+collect_ignore = ["homeassistant"]  # Home Assistant's own harness runs those (test_home_assistant)
 ARTIFACTS = ROOT / "test-artifacts"
 
 

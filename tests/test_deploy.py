@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.discovery import announcements
+from agent.mqtt.discovery import announcements
+from agent.mqtt.topics import Topics
 from agent.settings import Settings
-from agent.topics import Topics
 from tests.conftest import ROOT, require_command
 
 DEPLOY = ROOT / "deploy"
@@ -23,6 +23,8 @@ SHELL_SCRIPTS = [
     ROOT / "scripts" / "run",
     ROOT / "scripts" / "test",
     ROOT / "scripts" / "bench",
+    ROOT / "scripts" / "ha-env",
+    ROOT / "tests" / "arm64" / "run.sh",
     ROOT / "scripts" / "lib.sh",
     ROOT / "mosquitto" / "prepare.sh",
     ROOT / ".ci" / "run",

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from agent.precision import machine_has_bf16
+from agent.model.precision import machine_has_bf16
 from tests.conftest import generate, require_command
 
 

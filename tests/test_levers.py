@@ -11,8 +11,9 @@ from diffusers import AutoPipelineForText2Image
 from safetensors.torch import load_file, save_file
 
 from agent.images import encode_image
-from agent.pipeline import Text2Image
-from agent.precision import (
+from agent.model.pages import file_mappings
+from agent.model.pipeline import Text2Image
+from agent.model.precision import (
     choose_dtype,
     choose_variant,
     cpu_has_bf16,
@@ -20,8 +21,8 @@ from agent.precision import (
     machine_architecture,
     use_half_weights,
 )
-from agent.protocol import PipelineOptions
-from agent.weights import HALF_STORED_LAYERS, file_mappings, settle_weights
+from agent.model.protocol import PipelineOptions
+from agent.model.weights import HALF_STORED_LAYERS, settle_weights
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import json
 import re
 import time
 
-from agent.memory import MemoryLimit, memory_limit
-from agent.worker_link import Backoff, death_reason
+from agent.machine.memory import MemoryLimit, memory_limit
+from agent.model.link import Backoff, death_reason
 from tests.conftest import generate
 
 GIB = 2**30

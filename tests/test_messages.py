@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.messages import ErrorCode, RequestError, parse_cancel, parse_generate
+from agent.jobs.requests import ErrorCode, RequestError, parse_cancel, parse_generate
+from agent.mqtt.topics import reply_topic_problem
 from agent.settings import Settings
-from agent.topics import reply_topic_problem
 
 SETTINGS = Settings(node_id="test")
 

@@ -62,8 +62,8 @@ def count_flops(size: int = 512) -> dict[str, float]:
     from pipeline import MODEL, TAESDXL  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
-    from agent.pipeline import Text2Image  # noqa: PLC0415
-    from agent.protocol import PipelineOptions  # noqa: PLC0415
+    from agent.model.pipeline import Text2Image  # noqa: PLC0415
+    from agent.model.protocol import PipelineOptions  # noqa: PLC0415
 
     model = Text2Image(
         PipelineOptions(model=str(MODEL), tiny_vae=str(TAESDXL), dtype="bfloat16", warmup=False)

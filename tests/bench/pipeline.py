@@ -197,8 +197,8 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def run_agent(case: str, repeats: int = REPEATS) -> dict[str, object]:
     """Cases (c), (d) and (e): the agent's own generation path."""
-    from agent.pipeline import Text2Image  # noqa: PLC0415
-    from agent.protocol import PipelineOptions  # noqa: PLC0415
+    from agent.model.pipeline import Text2Image  # noqa: PLC0415
+    from agent.model.protocol import PipelineOptions  # noqa: PLC0415
     from agent.settings import Settings  # noqa: PLC0415
 
     defaults = PipelineOptions.from_settings(Settings(node_id="bench"))

@@ -209,7 +209,7 @@ def precision_of(case: Case) -> str:
     if case.precision != "auto":
         return case.precision
     sys.path.insert(0, str(ROOT))
-    from agent.precision import machine_has_bf16  # noqa: PLC0415
+    from agent.model.precision import machine_has_bf16  # noqa: PLC0415
 
     return "bfloat16" if machine_has_bf16() else "float32"
 

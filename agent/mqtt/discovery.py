@@ -17,7 +17,7 @@ from agent.images import CONTENT_TYPES, EXTENSIONS
 from agent.metrics import STATES
 
 if TYPE_CHECKING:
-    from agent.topics import Topics
+    from agent.mqtt.topics import Topics
 
 ORIGIN = {"name": "edgeai-agent", "sw_version": __version__}
 TEXT_MAX_CHARS = 255

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.protocol import GenerateJob
+from agent.model.protocol import GenerateJob
+from agent.mqtt.topics import is_encodable, reply_topic_problem
 from agent.settings import ImageFormat, OutputMode
-from agent.topics import is_encodable, reply_topic_problem
 
 if TYPE_CHECKING:
     from agent.settings import Settings
@@ -61,6 +61,7 @@ class RequestError(Exception):
         *,
         job_id: str | None = None,
         reply_to: str | None = None,
+        field: str | None = None,
     ) -> None:
         """Create the error.
 
@@ -69,12 +70,14 @@ class RequestError(Exception):
             message: A sentence a person understands.
             job_id: The request's id, when one could be read.
             reply_to: The request's reply topic, when one could be read and is valid.
+            field: The request field at fault, when one is (HTTP APIs name it).
         """
         super().__init__(message)
         self.code = code
         self.message = message
         self.job_id = job_id
         self.reply_to = reply_to
+        self.field = field
 
 
 class GenerateRequest(BaseModel):
@@ -191,14 +194,17 @@ def decode_text(payload: bytes, limit: int) -> str:
         ) from exc
 
 
-def _field_error(exc: ValidationError) -> tuple[ErrorCode, str]:
+def field_error(exc: ValidationError) -> RequestError:
+    """Return the request error for a pydantic validation error: its first problem, named."""
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "request"
     if first["type"] == "extra_forbidden":
-        return ErrorCode.UNKNOWN_FIELD, f"unknown field {field!r}"
+        return RequestError(ErrorCode.UNKNOWN_FIELD, f"unknown field {field!r}", field=field)
     if first["type"] == "missing":
-        return ErrorCode.INVALID_REQUEST, f"the field {field!r} is required"
-    return ErrorCode.INVALID_REQUEST, f"{field}: {first['msg']}"
+        return RequestError(
+            ErrorCode.INVALID_REQUEST, f"the field {field!r} is required", field=field
+        )
+    return RequestError(ErrorCode.INVALID_REQUEST, f"{field}: {first['msg']}", field=field)
 
 
 def _readable_id(data: dict[str, Any]) -> str | None:
@@ -243,8 +249,7 @@ def parse_generate(
         try:
             request = GenerateRequest.model_validate(data)
         except ValidationError as exc:
-            code, message = _field_error(exc)
-            raise RequestError(code, message) from exc
+            raise field_error(exc) from exc
         return _resolve(request, settings, reply_to, correlation_data)
     except RequestError as exc:
         # Whatever failed, the reply goes wherever the request could be traced back to.
@@ -279,15 +284,18 @@ def _resolve(  # noqa: C901 - one check per field, in the order a client reads t
 ) -> JobSpec:
     prompt = request.prompt.strip()
     if not prompt:
-        raise RequestError(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
+        raise RequestError(ErrorCode.EMPTY_PROMPT, "the prompt is empty", field="prompt")
     for name, text in (("prompt", prompt), ("negative_prompt", request.negative_prompt or "")):
         if len(text) > settings.max_prompt_chars:
             raise RequestError(
                 ErrorCode.OUT_OF_RANGE,
                 f"{name} has {len(text)} characters; the limit is {settings.max_prompt_chars}",
+                field=name,
             )
         if not is_encodable(text):
-            raise RequestError(ErrorCode.INVALID_REQUEST, f"{name} is not valid Unicode")
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST, f"{name} is not valid Unicode", field=name
+            )
     width = settings.default_width if request.width is None else request.width
     height = settings.default_height if request.height is None else request.height
     for name, size in (("width", width), ("height", height)):
@@ -295,13 +303,18 @@ def _resolve(  # noqa: C901 - one check per field, in the order a client reads t
             raise RequestError(
                 ErrorCode.OUT_OF_RANGE,
                 f"{name} {size} is outside {settings.min_size}..{settings.max_size}",
+                field=name,
             )
         if size % 8:
-            raise RequestError(ErrorCode.BAD_SIZE, f"{name} {size} is not a multiple of 8")
+            raise RequestError(
+                ErrorCode.BAD_SIZE, f"{name} {size} is not a multiple of 8", field=name
+            )
     steps = settings.default_steps if request.steps is None else request.steps
     if not 1 <= steps <= settings.max_steps:
         raise RequestError(
-            ErrorCode.OUT_OF_RANGE, f"steps {steps} is outside 1..{settings.max_steps}"
+            ErrorCode.OUT_OF_RANGE,
+            f"steps {steps} is outside 1..{settings.max_steps}",
+            field="steps",
         )
     guidance = (
         settings.default_guidance_scale
@@ -312,10 +325,11 @@ def _resolve(  # noqa: C901 - one check per field, in the order a client reads t
         raise RequestError(
             ErrorCode.OUT_OF_RANGE,
             f"guidance_scale {guidance} is outside 0..{settings.max_guidance_scale}",
+            field="guidance_scale",
         )
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
     if not 0 <= seed <= MAX_SEED:
-        raise RequestError(ErrorCode.OUT_OF_RANGE, f"seed is outside 0..{MAX_SEED}")
+        raise RequestError(ErrorCode.OUT_OF_RANGE, f"seed is outside 0..{MAX_SEED}", field="seed")
     return JobSpec(
         id=request.id or uuid.uuid4().hex,
         prompt=prompt,
@@ -342,8 +356,7 @@ def parse_cancel(payload: bytes, limit: int) -> str:
     try:
         return CancelRequest.model_validate(data).id
     except ValidationError as exc:
-        code, message = _field_error(exc)
-        raise RequestError(code, message) from exc
+        raise field_error(exc) from exc
 
 
 def error_body(job_id: str | None, code: ErrorCode, message: str) -> dict[str, Any]:

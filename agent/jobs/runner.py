@@ -9,20 +9,20 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent.journal import JobStatus
-from agent.messages import ErrorCode, error_body
-from agent.protocol import Cancelled, Failed, Finished
-from agent.worker_link import WorkerDiedError, WorkerUnavailableError
+from agent.jobs.journal import JobStatus
+from agent.jobs.requests import ErrorCode, error_body
+from agent.model.link import WorkerDiedError, WorkerUnavailableError
+from agent.model.protocol import Cancelled, Failed, Finished
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.journal import Journal, JournalEntry
-    from agent.messages import JobSpec
+    from agent.jobs.journal import Journal, JournalEntry
+    from agent.jobs.outbox import Outbox
+    from agent.jobs.requests import JobSpec
+    from agent.machine.thermal import ThermalGuard
     from agent.metrics import AgentMetrics
-    from agent.outbox import Outbox
-    from agent.thermal import ThermalGuard
-    from agent.worker_link import WorkerLink
+    from agent.model.link import WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class Job:
     expires_at: float | None = None
     """Wall-clock time after which the job is not run (from MQTT 5 message expiry)."""
     cancel_requested: bool = False
+    started: float | None = None
+    """``time.monotonic()`` when it started running."""
+    step: int = 0
+    """Denoising steps done so far."""
 
 
 class Runner:
@@ -74,6 +78,7 @@ class Runner:
         self._wakeup = asyncio.Event()
         self._finished = asyncio.Event()
         self._confirmations: set[asyncio.Task[None]] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.current: Job | None = None
         self.last_latency_s: float | None = None
 
@@ -88,6 +93,17 @@ class Runner:
             if job.spec.id == job_id:
                 return index + 1
         return None
+
+    def finished(self, job_id: str) -> asyncio.Future[None]:
+        """Return a future that resolves once the job has its reply in the journal."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(future)
+        return future
+
+    def _wake_waiters(self, job_id: str) -> None:
+        for future in self._waiters.pop(job_id, []):
+            if not future.done():
+                future.set_result(None)
 
     def submit(self, job: Job, *, first: bool = False) -> None:
         """Queue a job (already journaled) and announce its place.
@@ -157,6 +173,7 @@ class Runner:
             await self._guard.wait_until_cool()
             job = self._queue.popleft()
             self.current = job
+            job.started = time.monotonic()
             self._changed()
             try:
                 await self._run_one(job)
@@ -184,6 +201,7 @@ class Runner:
         self._outbox.job_event(spec.id, "running", step=0, steps=spec.steps)
 
         def progress(step: int, steps: int) -> None:
+            job.step = step
             self._outbox.job_event(spec.id, "running", step=step, steps=steps)
 
         if job.cancel_requested:
@@ -216,6 +234,7 @@ class Runner:
         begun = time.monotonic()
         body, encoded = await self._outbox.result(spec, finished, job.received, queue_wait)
         await self._journal.finish(spec.id, self._outbox.stored(body))
+        self._wake_waiters(spec.id)
         # The latest-image topics first: a client that gets the result finds them updated.
         self._outbox.latest(spec, body, encoded)
         self._confirm(spec, self._outbox.reply(spec, body))
@@ -230,6 +249,7 @@ class Runner:
         log.info("job %s %s: %s", job.spec.id, status, message)
         body: dict[str, Any] = error_body(job.spec.id, code, message)
         await self._journal.finish(job.spec.id, body)
+        self._wake_waiters(job.spec.id)
         self._outbox.job_event(job.spec.id, status, error=body["error"])
         self._confirm(job.spec, self._outbox.reply(job.spec, body))
 
@@ -247,5 +267,4 @@ class Runner:
         task.add_done_callback(self._confirmations.discard)
 
     def _changed(self) -> None:
-        self._metrics.queue_depth.set(len(self._queue))
         self._on_change()

@@ -19,8 +19,9 @@ import torch
 import transformers
 from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
-from agent.memory import GIB, memory_limit, return_free_memory
-from agent.precision import (
+from agent.machine.memory import GIB, memory_limit, return_free_memory
+from agent.model.pages import MappedPages
+from agent.model.precision import (
     choose_device,
     choose_dtype,
     choose_variant,
@@ -28,8 +29,9 @@ from agent.precision import (
     load_dtype,
     use_half_weights,
 )
-from agent.protocol import PipelineOptions, Ready
-from agent.weights import MappedPages, Placement, UpcastArena, place_weights
+from agent.model.protocol import PipelineOptions, Ready
+from agent.model.upcast import UpcastArena
+from agent.model.weights import Placement, place_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable

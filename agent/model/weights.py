@@ -14,96 +14,16 @@ Only the worker process imports this module (it imports torch).
 
 from __future__ import annotations
 
-import ctypes
-import itertools
-import mmap
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from agent.model.pages import MappedPages
+from agent.model.upcast import INT8_SCALE, UpcastArena, UpcastOnUse
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
-
-MADV_DONTNEED = 4
-"""Linux: drop these pages from the process; a clean file page is read again if touched."""
-MADV_COLD = 20
-"""Linux 5.4+: these pages are the first to reclaim under memory pressure; kept otherwise."""
-_PAGE = mmap.PAGESIZE
-
-
-def file_mappings(maps: Path = Path("/proc/self/maps")) -> list[tuple[int, int]]:
-    """Return the address ranges where this process maps regular files (checkpoints among them).
-
-    A file-backed page that is dropped is read again from its file when touched, so these are
-    the only ranges where pages may be handed back. Files are told by their inode, not their
-    name: the hub's cache keeps a checkpoint as ``blobs/<hash>``, with no extension.
-    """
-    ranges = []
-    try:
-        lines = maps.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or fields[4] == "0" or fields[5].startswith(("/dev/", "[")):
-            continue
-        start, _, end = fields[0].partition("-")
-        ranges.append((int(start, 16), int(end, 16)))
-    return ranges
-
-
-class MappedPages:
-    """The file-backed ranges of this process, and advice to the kernel about their pages."""
-
-    def __init__(self, mappings: Iterable[tuple[int, int]] | None = None) -> None:
-        """Work inside ``mappings`` (:func:`file_mappings` when None), never anonymous memory."""
-        self._mappings = file_mappings() if mappings is None else list(mappings)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self._madvise = libc.madvise
-        self.released_bytes = 0
-
-    def mapping_of(self, tensor: torch.Tensor) -> tuple[int, int] | None:
-        """Return the mapped file range that holds ``tensor``'s bytes, if one does."""
-        if tensor.device.type != "cpu":
-            return None
-        start = tensor.data_ptr()
-        end = start + tensor.nbytes
-        return next(
-            ((low, high) for low, high in self._mappings if low <= start < end <= high), None
-        )
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        """Return whether ``tensor``'s bytes lie in a mapped file."""
-        return self.mapping_of(tensor) is not None
-
-    def release(self, tensor: torch.Tensor) -> None:
-        """Drop the pages wholly inside ``tensor``'s bytes (its neighbours keep theirs)."""
-        if not self.holds(tensor):
-            # Never on anonymous memory: there MADV_DONTNEED would zero live data.
-            return
-        start = -(-tensor.data_ptr() // _PAGE) * _PAGE
-        end = (tensor.data_ptr() + tensor.nbytes) // _PAGE * _PAGE
-        if end > start and self._madvise(start, end - start, MADV_DONTNEED) == 0:
-            self.released_bytes += end - start
-
-    def ranges_of(self, module: torch.nn.Module) -> list[tuple[int, int]]:
-        """Return the mapped files that hold any of ``module``'s weights."""
-        tensors = itertools.chain(module.parameters(), module.buffers())
-        found = {self.mapping_of(tensor) for tensor in tensors}
-        return sorted(mapping for mapping in found if mapping is not None)
-
-    def mark_cold(self, ranges: Iterable[tuple[int, int]]) -> None:
-        """Tell the kernel to reclaim these pages first when memory is short (MADV_COLD).
-
-        Nothing is dropped while memory is plentiful; under pressure these go before the
-        pages of the model part that runs next. A kernel without MADV_COLD ignores it.
-        """
-        for low, high in ranges:
-            self._madvise(low, high - low, MADV_COLD)
-
+    from collections.abc import Callable
 
 HALF_STORED_LAYERS = (
     torch.nn.Linear,
@@ -120,104 +40,6 @@ HALF_LOOKUP_LAYERS = (torch.nn.Embedding,)
 two CLIP token embeddings, 0.4 GB as float32 copies."""
 _HALF = "_edgeai_half"
 _INT8 = "_edgeai_int8"
-INT8_SCALE = "weight_scale"
-"""The buffer beside an int8 convolution weight: one scale per output channel."""
-
-
-class UpcastArena:
-    """One scratch buffer in the compute precision that float16-stored layers borrow in turn.
-
-    Layers run one at a time, so a single buffer the size of the largest weight is enough. A
-    fresh upcast copy per call costs a large allocation that glibc takes from the kernel and
-    gives back each time (a page fault for every 4 KiB of it, zero-filled first).
-    """
-
-    def __init__(self, compute: torch.dtype, channels_last: bool) -> None:
-        """Lend weights in ``compute``; convolution weights in channels_last when asked."""
-        self.compute = compute
-        self.channels_last = channels_last
-        self._buffer = torch.empty(0, dtype=compute)
-        self._lent = False
-
-    @property
-    def nbytes(self) -> int:
-        """Return the buffer's size in bytes."""
-        return int(self._buffer.nbytes)
-
-    def reserve(self, numel: int) -> None:
-        """Make room for a weight of ``numel`` elements (called at load, not per step)."""
-        if numel > self._buffer.numel():
-            self._buffer = torch.empty(numel, dtype=self.compute)
-
-    def lend(
-        self, weight: torch.Tensor, scale: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, bool]:
-        """Return ``weight`` upcast, and whether it lies in the buffer (to be given back).
-
-        A layer that runs while another holds the buffer (none does in diffusers' models) gets
-        a fresh copy instead.
-
-        Args:
-            weight: A float16 weight, or an int8 one.
-            scale: For an int8 weight, the scale of each output channel.
-        """
-        four_d = weight.dim() == 4 and self.channels_last
-        if self._lent or weight.numel() > self._buffer.numel():
-            memory_format = torch.channels_last if four_d else torch.contiguous_format
-            upcast = weight.to(self.compute, memory_format=memory_format)
-            return (upcast if scale is None else upcast.mul_(scale)), False
-        self._lent = True
-        flat = self._buffer[: weight.numel()]
-        if four_d:
-            out, channels, height, width = weight.shape
-            view = flat.view(out, height, width, channels).permute(0, 3, 1, 2)
-        else:
-            view = flat.view(weight.shape)
-        view.copy_(weight)
-        return (view if scale is None else view.mul_(scale)), True
-
-    def give_back(self) -> None:
-        """The layer that borrowed the buffer has run."""
-        self._lent = False
-
-
-class UpcastOnUse:
-    """Forward hooks that lend a float16-stored layer its weights in the compute precision.
-
-    The float16 tensors are never replaced: before the layer runs, upcast copies take their place;
-    after it has run (even if it raised), the float16 originals are put back. The weight's copy
-    lives in the shared :class:`UpcastArena`. diffusers' layerwise casting instead casts the
-    layer itself both ways on every call, which allocates a new float16 copy of every weight per
-    step: measured on SDXL in float32, 16-19 s a generation with memory growing 0.3-0.6 GB a
-    generation, against 15 s and flat here.
-    """
-
-    def __init__(self, arena: UpcastArena) -> None:
-        """Lend weights from ``arena``."""
-        self.arena = arena
-        self._stored: dict[str, torch.Tensor | None] = {}
-        self._borrowed = False
-
-    def before(self, layer: torch.nn.Module, _inputs: object) -> None:
-        """Swap in upcast copies of the layer's float16 tensors."""
-        tensors = layer._buffers  # noqa: SLF001 - swapped for one call
-        self._stored = dict(tensors)
-        for name, stored in self._stored.items():
-            if stored is None or name == INT8_SCALE:
-                continue
-            if name == "weight":
-                scale = self._stored.get(INT8_SCALE)
-                tensors[name], self._borrowed = self.arena.lend(stored, scale)
-            else:
-                tensors[name] = stored.to(self.arena.compute)
-
-    def after(self, layer: torch.nn.Module, _inputs: object, _output: object) -> None:
-        """Put the float16 tensors back."""
-        layer._buffers.update(self._stored)  # noqa: SLF001 - the originals, as they were
-        self._stored = {}
-        if self._borrowed:
-            self.arena.give_back()
-            self._borrowed = False
 
 
 def _upcast_output(compute: torch.dtype) -> Callable[[torch.nn.Module, object, Any], Any]:

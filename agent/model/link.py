@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from agent.memory import GIB, MemoryLimit, peak_rss_bytes
-from agent.protocol import (
+from agent.machine.memory import GIB, MemoryLimit, peak_rss_bytes
+from agent.model.protocol import (
     Cancelled,
     Failed,
     Finished,
@@ -34,7 +34,7 @@ from agent.protocol import (
     WorkerConfig,
     WorkerEvent,
 )
-from agent.worker import worker_main
+from agent.model.worker import worker_main
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -9,20 +9,20 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent.events import JobEvents
 from agent.images import file_name
-from agent.messages import ErrorCode, error_body
-from agent.mqtt import MqttError
+from agent.jobs.events import JobEvents
+from agent.jobs.requests import ErrorCode, error_body
+from agent.mqtt.link import MqttError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from agent.images import ImageStore
-    from agent.messages import JobSpec
+    from agent.jobs.requests import JobSpec
     from agent.metrics import AgentMetrics
-    from agent.mqtt import MqttLink
-    from agent.protocol import Finished
-    from agent.topics import Topics
+    from agent.model.protocol import Finished
+    from agent.mqtt.link import MqttLink
+    from agent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 

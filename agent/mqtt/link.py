@@ -20,10 +20,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
+    from agent.mqtt.topics import Topics
     from agent.settings import Settings
-    from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,26 @@ class Inbound:
     expiry_s: int | None = None
 
 
+class Acknowledgement:
+    """Acknowledges one received message to the broker, once, whichever path calls it first.
+
+    paho reuses message ids: a second PUBACK for an id could acknowledge a later message that the
+    agent has not yet journaled, which the broker would then never deliver again.
+    """
+
+    def __init__(self, link: MqttLink, message: Inbound) -> None:
+        """Acknowledge ``message`` on ``link`` when called."""
+        self._link = link
+        self._message = message
+        self.done = False
+
+    def __call__(self) -> None:
+        """Acknowledge the message, unless that was done already."""
+        if not self.done:
+            self.done = True
+            self._link.ack(self._message)
+
+
 class MqttLink:
     """A connected (or reconnecting) MQTT client, driven from asyncio."""
 
@@ -55,21 +75,17 @@ class MqttLink:
         self,
         settings: Settings,
         topics: Topics,
-        subscriptions: list[str],
-        on_message: Callable[[Inbound], None],
-        on_connection: Callable[[bool], None],
         *,
+        on_connection: Callable[[bool], None],
         client_id: str | None = None,
         receive_maximum: int | None = None,
         announces: bool = True,
     ) -> None:
-        """Create the link; :meth:`start` connects.
+        """Create the link; :meth:`subscribe` says what to receive, :meth:`start` connects.
 
         Args:
             settings: Broker address, credentials and session settings.
             topics: The agent's topics (for the last will).
-            subscriptions: Topics subscribed at QoS 1 on every connect.
-            on_message: Called on the event loop for each message received.
             on_connection: Called on the event loop with True on connect, False on disconnect.
             client_id: MQTT client id; the agent's own by default.
             receive_maximum: Unacknowledged requests the broker may send at once; by default
@@ -80,10 +96,11 @@ class MqttLink:
         self._announces = announces
         self._settings = settings
         self._topics = topics
-        self._subscriptions = subscriptions
-        self._on_message = on_message
+        self._subscriptions: list[str] = []
+        self._on_message: Callable[[Inbound], None] = lambda _message: None
         self._on_connection = on_connection
         self._loop = asyncio.get_running_loop()
+        self._connected_once = asyncio.Event()
         self.connected = False
         self.max_packet_size: int | None = None
         client = paho.Client(
@@ -109,6 +126,15 @@ class MqttLink:
         client.on_publish = self._paho_published
         self._client = client
         self._unacknowledged: dict[int, asyncio.Future[None]] = {}
+
+    def subscribe(self, topics: Iterable[str], on_message: Callable[[Inbound], None]) -> None:
+        """Subscribe to ``topics`` at QoS 1 on every connect; hand messages to ``on_message``."""
+        self._subscriptions = list(topics)
+        self._on_message = on_message
+
+    async def wait_connected(self) -> None:
+        """Return once the link has connected (at least once)."""
+        await self._connected_once.wait()
 
     def start(self) -> None:
         """Connect in the background; paho retries until the broker answers."""
@@ -278,4 +304,5 @@ class MqttLink:
         self.connected = connected
         if connected:
             self.max_packet_size = max_packet_size
+            self._connected_once.set()
         self._on_connection(connected)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from agent.memory import GIB
+from agent.machine.memory import GIB
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.messages import JobSpec
+from agent.jobs.requests import JobSpec
 
 if TYPE_CHECKING:
     from collections.abc import Callable

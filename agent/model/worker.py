@@ -1,7 +1,7 @@
 """The generation worker process: loads the model once, then runs one job at a time.
 
 The daemon talks to it over a ``multiprocessing`` pipe with the messages of
-:mod:`agent.protocol`, and asks it to stop a job through a shared event that the worker polls
+:mod:`agent.model.protocol`, and asks it to stop a job through a shared event that the worker polls
 after every denoising step. This module imports torch only inside :func:`worker_main`, so the
 daemon can name it as the process's target without loading torch.
 """
@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.protocol import (
+from agent.model.protocol import (
     Cancelled,
     Failed,
     Finished,
@@ -55,7 +55,7 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
     )
     # Imported here so that only this process pays for (and can be killed by) torch.
     from agent.images import encode_image  # noqa: PLC0415
-    from agent.pipeline import JobCancelledError, Text2Image  # noqa: PLC0415
+    from agent.model.pipeline import JobCancelledError, Text2Image  # noqa: PLC0415
 
     try:
         model = Text2Image(config.pipeline)

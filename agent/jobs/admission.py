@@ -1,0 +1,204 @@
+"""The one way a request becomes a job: parse, bound, deduplicate, journal, acknowledge, queue.
+
+Every entry point (MQTT generate, regenerate and fleet, the web page, the HTTP APIs) hands its
+request here. :meth:`Admission.offer` does at once what needs no waiting: it parses, refuses
+what is out of bounds, and takes a place in the queue, so the next request already sees it.
+Then one task journals each admitted request, in arrival order, and only then queues it and
+settles it: an MQTT request is acknowledged to the broker there, an HTTP request answered. The
+queue depth is one number, counted here: requests admitted but not yet journaled, plus jobs
+waiting in the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agent.jobs.journal import JobStatus
+from agent.jobs.requests import ErrorCode, RequestError
+from agent.jobs.runner import Job
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.jobs.journal import Journal
+    from agent.jobs.requests import JobSpec
+    from agent.jobs.runner import Runner
+    from agent.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_OUTCOMES = ("accepted", "redelivered", *(code.value for code in ErrorCode))
+"""Every value of the ``outcome`` label of the request counters."""
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request that was admitted: its job, and whether it had been seen before."""
+
+    spec: JobSpec
+    redelivered: bool = False
+    """The same request again (a QoS 1 redelivery, a resend): answered from the journal, never
+    run twice."""
+
+
+@dataclass
+class Ticket:
+    """A request between its admission and its journal row."""
+
+    spec: JobSpec
+    fingerprint: str
+    expires_at: float | None
+    api: str
+    settled: asyncio.Future[Admitted]
+
+
+class Admission:
+    """Admits requests from every entry point into the journal and the runner's queue."""
+
+    def __init__(
+        self,
+        *,
+        journal: Journal,
+        runner: Runner,
+        metrics: AgentMetrics,
+        max_queue: int,
+        on_change: Callable[[], None],
+    ) -> None:
+        """Create the admission; :meth:`run` journals what is offered.
+
+        Args:
+            journal: Where admitted jobs are recorded before they are acknowledged.
+            runner: Where journaled jobs are queued.
+            metrics: Request outcomes (per API) and the queue depth.
+            max_queue: Jobs waiting at most; one more is refused as busy.
+            on_change: Called when the queue depth changes.
+        """
+        self._journal = journal
+        self._runner = runner
+        self._metrics = metrics
+        self._max_queue = max_queue
+        self._on_change = on_change
+        self._intake: asyncio.Queue[Ticket] = asyncio.Queue()
+        self._taking = 0
+        self._open = True
+        self.last_spec: JobSpec | None = None
+        """The most recent request admitted (the regenerate button runs it again)."""
+
+    @property
+    def queue_depth(self) -> int:
+        """Return how many jobs wait: admitted and not yet journaled, or queued in the runner."""
+        return self._taking + self._runner.depth
+
+    def close(self) -> None:
+        """Refuse every request from now on (shutting down)."""
+        self._open = False
+
+    def offer(
+        self,
+        parse: Callable[[], JobSpec],
+        *,
+        fingerprint: str,
+        api: str,
+        expires_at: float | None = None,
+    ) -> asyncio.Future[Admitted]:
+        """Admit a request: parse and bound it now, journal and queue it in arrival order.
+
+        Never raises: a refusal settles the returned future with its :class:`RequestError`,
+        already counted in ``edgeai_requests_total``. The entry point answers it (an MQTT error
+        reply, an HTTP status) and acknowledges the request once the future is settled.
+
+        Args:
+            parse: Returns the request's job, or raises the RequestError its reply carries.
+            fingerprint: Identifies the request: the same request again has the same one.
+            api: The entry point, for ``edgeai_api_requests_total`` (``mqtt``, ``web``...).
+            expires_at: Wall-clock time after which the job is not run.
+        """
+        settled: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
+        try:
+            spec = parse()
+            self._check_room(spec)
+        except RequestError as exc:
+            self._count(exc.code.value, api)
+            settled.set_exception(exc)
+            return settled
+        self._taking += 1
+        self._intake.put_nowait(Ticket(spec, fingerprint, expires_at, api, settled))
+        self._changed()
+        return settled
+
+    def refuse(self, error: RequestError, api: str) -> None:
+        """Count a request an entry point refused before it could be offered (a retained one)."""
+        self._count(error.code.value, api)
+
+    async def run(self) -> None:
+        """Journal each admitted request in arrival order, then queue it (cancel to stop)."""
+        while True:
+            ticket = await self._intake.get()
+            try:
+                admitted = await self._accept(ticket)
+            except RequestError as exc:
+                self._count(exc.code.value, ticket.api)
+                ticket.settled.set_exception(exc)
+            except Exception as exc:  # a request must never go unanswered, even on a bug
+                log.exception("unexpected error while admitting %s", ticket.spec.id)
+                error = RequestError(
+                    ErrorCode.INTERNAL_ERROR,
+                    f"internal error: {exc}",
+                    job_id=ticket.spec.id,
+                    reply_to=ticket.spec.reply_to,
+                )
+                self._count(error.code.value, ticket.api)
+                ticket.settled.set_exception(error)
+            else:
+                ticket.settled.set_result(admitted)
+            finally:
+                self._taking -= 1
+                self._changed()
+
+    async def _accept(self, ticket: Ticket) -> Admitted:
+        spec = ticket.spec
+        entry = await self._journal.get(spec.id)
+        if entry is not None and entry.request_hash == ticket.fingerprint:
+            # The same request again: never run it twice; a finished one is answered again.
+            self._count("redelivered", ticket.api)
+            if entry.status in (JobStatus.DONE, JobStatus.DELIVERED):
+                await self._runner.redeliver(entry)
+            return Admitted(entry.spec, redelivered=True)
+        if entry is not None and entry.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            raise RequestError(
+                ErrorCode.DUPLICATE_ID,
+                f"another request with id {spec.id} is in progress",
+                job_id=spec.id,
+                reply_to=spec.reply_to,
+            )
+        await self._journal.add(spec, ticket.fingerprint, ticket.expires_at)
+        self.last_spec = spec
+        self._runner.submit(Job(spec, expires_at=ticket.expires_at))
+        self._count("accepted", ticket.api)
+        return Admitted(spec)
+
+    def _check_room(self, spec: JobSpec) -> None:
+        if not self._open:
+            raise RequestError(
+                ErrorCode.SHUTTING_DOWN,
+                "the agent is shutting down",
+                job_id=spec.id,
+                reply_to=spec.reply_to,
+            )
+        if self.queue_depth >= self._max_queue:
+            raise RequestError(
+                ErrorCode.BUSY,
+                f"the queue is full ({self._max_queue} jobs); try again later",
+                job_id=spec.id,
+                reply_to=spec.reply_to,
+            )
+
+    def _count(self, outcome: str, api: str) -> None:
+        self._metrics.requests.labels(outcome=outcome).inc()
+        self._metrics.api_requests.labels(api=api, outcome=outcome).inc()
+
+    def _changed(self) -> None:
+        self._on_change()

@@ -1,0 +1,1 @@
+"""The machine: its memory limit, SoC temperature and throttling."""

@@ -1,0 +1,95 @@
+"""Settings of the model and the generation worker."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class ModelSettings(BaseModel):
+    """What the worker loads, how, and how it is restarted."""
+
+    # --- model and worker
+    model: str = Field(
+        default="stabilityai/sdxl-turbo",
+        description="Hugging Face hub id or local folder of the text-to-image pipeline.",
+    )
+    model_variant: str = Field(
+        default="auto",
+        pattern=r"^[A-Za-z0-9_-]*$",
+        description="Weight files to load (diffusers' variant): auto takes the fp16 files of a "
+        "hub model, and of a local folder that has them; empty takes the default files.",
+    )
+    device: Device = Field(
+        default="auto", description="Where the model runs: auto picks cuda when present."
+    )
+    dtype: DType = Field(
+        default="auto",
+        description="Precision: auto is float16 on cuda, bfloat16 on a CPU with AVX512-BF16 or "
+        "AMX, float32 on other CPUs (a Raspberry Pi).",
+    )
+    tiny_vae: str = Field(
+        default="madebyollin/taesdxl",
+        description="Hub id or folder of a tiny decoder (AutoencoderTiny, TAESDXL) used instead "
+        "of the model's VAE: decoding is many times faster; empty uses the model's VAE.",
+    )
+    half_weights: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Keep the weights of linear and convolution layers in float16 and compute "
+        "in float32 (each layer upcast while it runs), halving the model's memory at some speed; "
+        "auto: on when float32 runs on a CPU with less than 16 GiB of memory.",
+    )
+    int8_weights: bool = Field(
+        default=False,
+        description="Store the linear and convolution weights of the UNet and text encoders as "
+        "int8 (weight-only, one scale per output channel; needs the int8 extra, torchao): about "
+        "half the memory of float16. Off by default: its effect on image quality could not be "
+        "checked on the real weights.",
+    )
+    channels_last: bool = Field(
+        default=True, description="Run the UNet and the decoder in channels_last memory format."
+    )
+    warmup: bool = Field(
+        default=True, description="Generate one small image at load so the first job is fast."
+    )
+    prompt_cache_size: int = Field(
+        default=16,
+        ge=0,
+        le=1024,
+        description="Prompt embeddings kept (LRU): a repeated prompt skips the text encoders.",
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, le=256, description="CPU threads for torch; 0 uses every core."
+    )
+    max_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description="Runs of a job whose worker died under it before the job fails.",
+    )
+    journal_keep_s: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="How long delivered jobs stay in the journal (a resent id gets the stored "
+        "result meanwhile).",
+    )
+    journal_keep_rows: int = Field(
+        default=10000, ge=10, description="Delivered jobs kept in the journal at most."
+    )
+    worker_restart_delay_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=600,
+        description="Wait before restarting a worker that died; after loads that failed in a row "
+        "(a worker killed while loading, say) the wait doubles each time.",
+    )
+    worker_restart_max_delay_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="Longest wait between two attempts to load the model.",
+    )

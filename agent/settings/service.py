@@ -1,0 +1,105 @@
+"""Settings of requests, images on disk, the HTTP server and its APIs, and the hardware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+
+OutputMode = Literal["b64", "url", "both"]
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+
+class ServiceSettings(BaseModel):
+    """What requests may ask, where images go, who may use HTTP, and the SoC's limits."""
+
+    # --- request defaults and bounds
+    default_width: int = Field(default=512, ge=64, description="Width when a request has none.")
+    default_height: int = Field(default=512, ge=64, description="Height when a request has none.")
+    default_steps: int = Field(default=1, ge=1, description="Denoising steps when not given.")
+    default_guidance_scale: float = Field(
+        default=0.0, ge=0, description="Guidance scale when not given (SDXL-Turbo wants 0)."
+    )
+    default_output: OutputMode = Field(default="b64", description="b64, url or both.")
+    default_format: ImageFormat = Field(default="png", description="png, jpeg or webp.")
+    min_size: int = Field(default=256, ge=8, description="Smallest width or height allowed.")
+    max_size: int = Field(default=1024, ge=8, description="Largest width or height allowed.")
+    max_steps: int = Field(default=8, ge=1, le=100, description="Most denoising steps allowed.")
+    max_guidance_scale: float = Field(default=20.0, ge=0, description="Largest guidance scale.")
+    max_prompt_chars: int = Field(default=1000, ge=1, description="Longest prompt, in characters.")
+    max_payload_bytes: int = Field(
+        default=16384, ge=64, description="Largest request payload; checked before parsing."
+    )
+    max_queue: int = Field(
+        default=16, ge=1, le=10000, description="Jobs waiting at most; more get a busy error."
+    )
+    jpeg_quality: int = Field(default=90, ge=1, le=100, description="JPEG and WebP quality.")
+
+    # --- images on disk and HTTP
+    state_dir: Path = Field(default=Path("state"), description="Folder for the agent's state.")
+    image_dir: Path | None = Field(
+        default=None, description="Folder for generated images; default <state_dir>/images."
+    )
+    image_keep_count: int = Field(default=200, ge=1, description="Images kept on disk at most.")
+    image_keep_bytes: int = Field(
+        default=500_000_000, ge=1, description="Bytes of images kept on disk at most."
+    )
+    http_host: str = Field(default="0.0.0.0", description="Address the HTTP server binds.")  # noqa: S104 - a LAN appliance serves its LAN
+    http_port: int = Field(default=8080, ge=0, le=65535, description="HTTP port; 0 picks one.")
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL other hosts reach this agent at, for image URLs; "
+        "default http://<hostname>:<http_port>.",
+    )
+
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="When set, creating or cancelling a job over HTTP needs this token "
+        "(Authorization: Bearer, or ?token=).",
+    )
+    public_images: bool = Field(
+        default=False,
+        description="With api_token set, let anyone read images and the gallery without it.",
+    )
+    api_max_images: int = Field(
+        default=4,
+        ge=1,
+        le=16,
+        description="Most images one OpenAI or AUTOMATIC1111 request may ask for (n, "
+        "batch_size x n_iter); they run one after another.",
+    )
+    api_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="How long an OpenAI or AUTOMATIC1111 request waits for its images; the "
+        "jobs go on after that and keep their results.",
+    )
+
+    # --- hardware
+    thermal_glob: str = Field(
+        default="/sys/class/thermal/thermal_zone*/temp",
+        description="Files holding SoC temperatures in millidegrees Celsius.",
+    )
+    vcgencmd: str = Field(
+        default="vcgencmd", description="The vcgencmd command, for throttling flags."
+    )
+    pause_c: float = Field(
+        default=80.0, description="At or above this SoC temperature no new job starts."
+    )
+    resume_c: float = Field(
+        default=70.0, description="Below this temperature, jobs start again after a pause."
+    )
+    thermal_poll_s: float = Field(
+        default=5.0, gt=0, description="How often the temperature is read while cooling."
+    )
+    state_interval_s: float = Field(
+        default=30.0, gt=0, description="How often the retained state is refreshed."
+    )
+    shutdown_grace_s: float = Field(
+        default=60.0, ge=0, description="On SIGTERM, how long the running job may finish."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level."
+    )

@@ -1,0 +1,230 @@
+"""AUTOMATIC1111's web UI API, the part image clients use: ``/sdapi/v1/txt2img`` and friends.
+
+What Open WebUI's "Automatic1111" engine sends (read from its source: ``prompt``,
+``batch_size``, ``width``, ``height``, ``steps``, ``negative_prompt``, with HTTP Basic when
+``AUTOMATIC1111_API_AUTH`` is set) and what it reads back (``images`` as bare base64 PNG,
+``info``). Like AUTOMATIC1111 itself, fields it does not know (samplers, hires fix, scripts) are
+accepted and ignored. Switching models is not supported: ``POST /sdapi/v1/options`` is accepted,
+and its answer says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from agent.jobs.requests import MAX_SEED, RequestError, field_error
+from agent.web.generation import ApiError, Generation
+from agent.web.routing import Access, Request, Response, Routes, json_body
+
+if TYPE_CHECKING:
+    from agent.jobs.service import JobService
+    from agent.web.routing import LoopCalls
+
+NOT_SWITCHING = "switching models is not supported: this agent serves {model}"
+
+
+class A1111Errors:
+    """Errors as AUTOMATIC1111's API middleware words them."""
+
+    def error(self, status: int, code: str, message: str, param: str | None = None) -> Response:
+        """Return ``{"error", "detail", "body", "errors"}``."""
+        detail = f"{param}: {message}" if param and not message.startswith(param) else message
+        return Response.json(
+            status, {"error": code, "detail": detail, "body": "", "errors": message}
+        )
+
+
+class Txt2ImgRequest(BaseModel):
+    """The fields of ``/sdapi/v1/txt2img`` the agent uses; the rest are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+
+
+class A1111Api:
+    """AUTOMATIC1111's endpoints."""
+
+    def __init__(self, generation: Generation, *, calls: LoopCalls, jobs: JobService) -> None:
+        """Answer through ``generation``; progress and interruptions through ``jobs``."""
+        self._generation = generation
+        self._calls = calls
+        self._jobs = jobs
+        self._errors = A1111Errors()
+        model = generation.settings.model
+        self.model_name = PurePosixPath(model.rstrip("/")).name or model
+        self.model_hash = hashlib.sha256(model.encode()).hexdigest()[:10]
+
+    @property
+    def title(self) -> str:
+        """Return the checkpoint's title, as AUTOMATIC1111 names one: ``name [hash]``."""
+        return f"{self.model_name} [{self.model_hash}]"
+
+    def register(self, routes: Routes) -> None:
+        """Add the routes (a token, when set, is needed for every one, as with ``--api-auth``)."""
+        for method, path, handler in (
+            ("POST", "/sdapi/v1/txt2img", self.txt2img),
+            ("GET", "/sdapi/v1/options", self.options),
+            ("POST", "/sdapi/v1/options", self.set_options),
+            ("GET", "/sdapi/v1/sd-models", self.sd_models),
+            ("GET", "/sdapi/v1/progress", self.progress),
+            ("POST", "/sdapi/v1/interrupt", self.interrupt),
+        ):
+            routes.add(method, path, handler, access=Access.WRITE, shape=self._errors)
+
+    def options(self, _request: Request) -> Response:
+        """``GET /sdapi/v1/options``: the checkpoint in use."""
+        return Response.json(
+            200, {"sd_model_checkpoint": self.title, "sd_checkpoint_hash": self.model_hash}
+        )
+
+    def set_options(self, request: Request) -> Response:
+        """``POST /sdapi/v1/options``: accepted; a different checkpoint is not loaded."""
+        try:
+            options = json_body(request)
+        except RequestError as exc:
+            return self._errors.error(400, exc.code.value, exc.message)
+        wanted = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
+        note = NOT_SWITCHING.format(model=self.title)
+        return Response.json(
+            200,
+            {
+                "accepted": True,
+                "sd_model_checkpoint": self.title,
+                "switched": False,
+                "note": note if wanted not in (None, self.title) else None,
+            },
+        )
+
+    def sd_models(self, _request: Request) -> Response:
+        """``GET /sdapi/v1/sd-models``: the one checkpoint."""
+        model = self._generation.settings.model
+        return Response.json(
+            200,
+            [
+                {
+                    "title": self.title,
+                    "model_name": self.model_name,
+                    "hash": self.model_hash,
+                    "sha256": None,
+                    "filename": model,
+                    "config": None,
+                }
+            ],
+        )
+
+    def progress(self, _request: Request) -> Response:
+        """``GET /sdapi/v1/progress``: how far the running job is, as clients poll it."""
+        now = self._calls.call(self._jobs.progress())
+        running = bool(now.get("job"))
+        return Response.json(
+            200,
+            {
+                "progress": now["progress"],
+                "eta_relative": now["eta_s"],
+                "state": {
+                    "skipped": False,
+                    "interrupted": False,
+                    "job": now.get("job", ""),
+                    "job_count": now["queued"] + (1 if running else 0),
+                    "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+                    "job_no": 0,
+                    "sampling_step": now["step"],
+                    "sampling_steps": now["steps"],
+                },
+                "current_image": None,
+                "textinfo": None,
+            },
+        )
+
+    def interrupt(self, _request: Request) -> Response:
+        """``POST /sdapi/v1/interrupt``: stop the running job after its current step."""
+        now = self._calls.call(self._jobs.progress())
+        if now.get("job"):
+            self._calls.call(self._jobs.cancel(now["job"]))
+        return Response.json(200, None)
+
+    def txt2img(self, request: Request) -> Response:
+        """``POST /sdapi/v1/txt2img``: bare base64 PNGs, the parameters, and info with the seeds."""
+        try:
+            body = self._parse(request)
+            count = body.batch_size * body.n_iter
+            self._generation.check_count(count, "batch_size")
+            fields: dict[str, Any] = {
+                "prompt": body.prompt,
+                "negative_prompt": body.negative_prompt,
+                "width": body.width,
+                "height": body.height,
+                "steps": body.steps,
+                "guidance_scale": body.cfg_scale,
+                "seed": None if body.seed == -1 else body.seed,
+                "format": "png",
+                "output": "url",
+            }
+            specs = self._generation.specs(
+                {key: value for key, value in fields.items() if value is not None}, count
+            )
+            pictures = self._generation.run(specs, api="a1111")
+        except ApiError as exc:
+            param = "cfg_scale" if exc.param == "guidance_scale" else exc.param
+            return self._errors.error(exc.status, exc.code, exc.message, param)
+        first = pictures[0].spec
+        parameters = {
+            **body.model_dump(),
+            "seed": first.seed,
+            "width": first.width,
+            "height": first.height,
+            "steps": first.steps,
+            "cfg_scale": first.guidance_scale,
+        }
+        info = {
+            "prompt": first.prompt,
+            "all_prompts": [picture.spec.prompt for picture in pictures],
+            "negative_prompt": first.negative_prompt or "",
+            "seed": first.seed,
+            "all_seeds": [picture.spec.seed for picture in pictures],
+            "width": first.width,
+            "height": first.height,
+            "steps": first.steps,
+            "cfg_scale": first.guidance_scale,
+            "batch_size": body.batch_size,
+            "n_iter": body.n_iter,
+            "sd_model_name": self.model_name,
+            "sd_model_hash": self.model_hash,
+            "job_ids": [picture.spec.id for picture in pictures],
+        }
+        return Response.json(
+            200,
+            {
+                "images": [base64.b64encode(picture.data).decode("ascii") for picture in pictures],
+                "parameters": parameters,
+                "info": json.dumps(info),
+            },
+        )
+
+    @staticmethod
+    def _parse(request: Request) -> Txt2ImgRequest:
+        try:
+            body = Txt2ImgRequest.model_validate(json_body(request))
+        except RequestError as exc:
+            raise ApiError.of(exc) from exc
+        except ValidationError as exc:
+            raise ApiError.of(field_error(exc)) from exc
+        if not -1 <= body.seed <= MAX_SEED:
+            raise ApiError(400, "out_of_range", f"seed is outside -1..{MAX_SEED}", "seed")
+        return body

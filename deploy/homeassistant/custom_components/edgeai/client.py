@@ -1,0 +1,106 @@
+"""The agent's OpenAI-compatible API, as this integration uses it."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .const import CHECK_TIMEOUT_S, REQUEST_TIMEOUT_S
+
+
+class AgentError(Exception):
+    """The agent refused or failed a request; the message is the agent's own."""
+
+    def __init__(self, message: str, code: str | None = None, status: int | None = None) -> None:
+        """Keep the agent's stable error code and the HTTP status beside the message."""
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class CannotConnectError(AgentError):
+    """The agent could not be reached."""
+
+
+class InvalidAuthError(AgentError):
+    """The agent refused the token."""
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image and what the agent says about it."""
+
+    data: bytes
+    model: str
+    revised_prompt: str | None
+
+
+class AgentClient:
+    """Talks to one agent: its URL and its API token."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str) -> None:
+        """Use ``session`` for every request."""
+        self._session = session
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def model(self) -> str:
+        """Return the model the agent serves; checks the URL and the token on the way.
+
+        Raises:
+            CannotConnectError: Nothing answers there.
+            InvalidAuthError: The token is wrong.
+            AgentError: Something else answers (not an edgeai agent).
+        """
+        body = await self._request("GET", "/v1/models", None, CHECK_TIMEOUT_S)
+        try:
+            return str(body["data"][0]["id"])
+        except (KeyError, IndexError, TypeError) as exc:
+            raise AgentError(f"{self.url} does not answer like an edgeai agent") from exc
+
+    async def generate(self, prompt: str, size: str, steps: int) -> GeneratedImage:
+        """Generate one PNG image (OpenAI's ``images/generations``, base64 back)."""
+        body = await self._request(
+            "POST",
+            "/v1/images/generations",
+            {
+                "prompt": prompt,
+                "size": size,
+                "n": 1,
+                "response_format": "b64_json",
+                "output_format": "png",
+                "steps": steps,
+            },
+            REQUEST_TIMEOUT_S,
+        )
+        item = body["data"][0]
+        model = await self.model()
+        return GeneratedImage(base64.b64decode(item["b64_json"]), model, item.get("revised_prompt"))
+
+    async def _request(
+        self, method: str, path: str, payload: dict[str, Any] | None, seconds: float
+    ) -> Any:  # noqa: ANN401 - the JSON the agent answers
+        try:
+            async with self._session.request(
+                method,
+                self.url + path,
+                json=payload,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=seconds),
+            ) as response:
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:
+                    body = None
+                if response.status == 401:
+                    raise InvalidAuthError("the agent refused the token", "unauthorized", 401)
+                if response.status >= 400:
+                    error = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+                    message = error.get("message") or f"the agent answered {response.status}"
+                    raise AgentError(message, error.get("code"), response.status)
+                return body
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise CannotConnectError(f"cannot reach the agent at {self.url}: {exc}") from exc
