@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from agent.jobs.journal import Journal
 from agent.jobs.outbox import Outbox
 from agent.jobs.runner import Runner
 from agent.jobs.service import JobService
+from agent.machine.disk import StorageWatch
 from agent.machine.memory import memory_limit
 from agent.machine.thermal import ThermalGuard
 from agent.metrics import AgentMetrics
@@ -33,7 +35,7 @@ from agent.mqtt.routes import Background, MqttRoutes, Requests
 from agent.mqtt.topics import Topics
 from agent.status import AgentStatus
 from agent.web.a1111_api import A1111Api
-from agent.web.auth import TokenGate
+from agent.web.auth import TokenGate, UrlSigner, agent_token
 from agent.web.generation import Generation
 from agent.web.openai_api import OpenAIApi
 from agent.web.page_api import PageApi
@@ -83,21 +85,46 @@ class Agent:
         self.metrics.prime(list(REQUEST_OUTCOMES))
         self._stop = asyncio.Event()
         self._changed = asyncio.Event()
+        self._on_change = [self._changed.set]
         self._background = Background()
+
+    def _changed_somewhere(self) -> None:
+        """A part changed what the state shows (and what the fleet decides on)."""
+        for listener in self._on_change:
+            listener()
 
     def build(self) -> Parts:
         """Build every part and wire them together (on the running loop; nothing starts)."""
-        settings, metrics, changed = self.settings, self.metrics, self._changed
+        settings, metrics, changed = self.settings, self.metrics, self._changed_somewhere
         topics = Topics(settings.base_topic)
         journal = Journal(settings.journal_path)
         store = ImageStore(
-            settings.images_path, settings.image_keep_count, settings.image_keep_bytes
+            settings.images_path,
+            settings.image_keep_count,
+            settings.image_keep_bytes,
+            settings.image_keep_free_bytes,
         )
+        storage = StorageWatch({"state": settings.state_dir, "images": store.folder})
+        for folder in storage.folders:
+            metrics.free_bytes.labels(folder=folder).set_function(
+                functools.partial(storage.free, folder)
+            )
         http = AgentHttpServer(
             settings.http_host, settings.http_port, store.folder, metrics.registry
         )
         link = MqttLink(settings, topics, on_connection=self._on_connection)
-        outbox = Outbox(link, topics, store, metrics, settings.base_url(http.port))
+        self.token = agent_token(settings)
+        signer = UrlSigner(None if settings.public_images else self.token)
+        outbox = Outbox(
+            link,
+            topics,
+            store,
+            metrics,
+            settings.base_url(http.port),
+            sign=signer.signature,
+            storage=storage,
+        )
+        self.gate = TokenGate(self.token, public_images=settings.public_images, signer=signer)
         limit = memory_limit()
         log.info("memory limit: %s", limit.describe())
         metrics.memory_limit_bytes.set(limit.bytes)
@@ -109,7 +136,7 @@ class Agent:
             ),
             backoff=Backoff(settings.worker_restart_delay_s, settings.worker_restart_max_delay_s),
             limit=limit,
-            on_change=changed.set,
+            on_change=changed,
             on_restart=metrics.worker_restarts.inc,
             on_load_failure=metrics.model_load_failures.inc,
         )
@@ -119,7 +146,7 @@ class Agent:
             settings.pause_c,
             settings.resume_c,
             settings.thermal_poll_s,
-            changed.set,
+            changed,
         )
         runner = Runner(
             worker=worker,
@@ -128,14 +155,16 @@ class Agent:
             guard=guard,
             metrics=metrics,
             max_attempts=settings.max_attempts,
-            on_change=changed.set,
+            on_change=changed,
+            storage=storage,
         )
         admission = Admission(
             journal=journal,
             runner=runner,
             metrics=metrics,
             max_queue=settings.max_queue,
-            on_change=changed.set,
+            on_change=changed,
+            storage=storage,
         )
         metrics.queue_depth.set_function(lambda: float(admission.queue_depth))
         requests = Requests(settings=settings, admission=admission, outbox=outbox)
@@ -148,7 +177,6 @@ class Agent:
             announce=self._announce,
             background=self._background,
         )
-        link.subscribe(routes.table, routes.on_message)
         fleet = None
         if settings.fleet_group is not None:
             fleet = Fleet(
@@ -169,6 +197,9 @@ class Agent:
             )
             fleet_link.subscribe([fleet.subscription], fleet.on_message)
             fleet.attach(fleet_link)
+            routes.watch(fleet.peer_topics, fleet.on_peer)
+            self._on_change.append(fleet.reconsider)
+        link.subscribe(routes.table, routes.on_message, with_retained=routes.watched)
         status = AgentStatus(
             settings=settings,
             topics=topics,
@@ -178,7 +209,8 @@ class Agent:
             admission=admission,
             guard=guard,
             metrics=metrics,
-            changed=changed,
+            changed=self._changed,
+            storage=storage,
         )
         service = JobService(
             settings=settings, admission=admission, journal=journal, runner=runner, outbox=outbox
@@ -214,7 +246,6 @@ class Agent:
     async def startup(self, parts: Parts) -> list[asyncio.Task[None]]:
         """Start every part, in order: HTTP, MQTT, the worker, the journal's unfinished jobs."""
         settings = self.settings
-        token = settings.api_token.get_secret_value() if settings.api_token else None
         calls = LoopCalls(asyncio.get_running_loop())
         generation = Generation(settings=settings, calls=calls, jobs=parts.service)
         for api in (
@@ -225,7 +256,7 @@ class Agent:
             api.register(parts.http.routes)
         parts.http.start(
             parts.status.health,
-            TokenGate(token, public_images=settings.public_images),
+            self.gate,
             settings.max_payload_bytes,
         )
         log.info("HTTP server on %s:%d", settings.http_host, parts.http.port)

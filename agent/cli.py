@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check", action="store_true", help="validate the settings, print them and exit"
     )
+    parser.add_argument(
+        "--page-url",
+        action="store_true",
+        help="print the web page's address with the API token (generated if there is none yet) "
+        "and exit",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -40,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if arguments.check:
         print(settings.model_dump_json(indent=2))  # noqa: T201 - requested output
+        return 0
+    if arguments.page_url:
+        from agent.web.auth import agent_token  # noqa: PLC0415 - keeps --help fast
+
+        token = agent_token(settings)
+        address = settings.base_url(settings.http_port) + "/"
+        print(address + (f"?token={token}" if token else ""))  # noqa: T201 - requested output
         return 0
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

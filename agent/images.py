@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent.machine.disk import free_bytes
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -62,17 +64,22 @@ class StoredImage:
 class ImageStore:
     """The image folder: writes images atomically and keeps it under its count and byte limits."""
 
-    def __init__(self, folder: Path, keep_count: int, keep_bytes: int) -> None:
+    def __init__(
+        self, folder: Path, keep_count: int, keep_bytes: int, keep_free_bytes: int = 0
+    ) -> None:
         """Create the store; the folder is created when missing.
 
         Args:
             folder: Where images go.
             keep_count: Most files kept.
             keep_bytes: Most bytes kept.
+            keep_free_bytes: Free space left on the folder's file system at least: the oldest
+                images go first to keep it.
         """
         self.folder = folder
         self._keep_count = keep_count
         self._keep_bytes = keep_bytes
+        self._keep_free_bytes = keep_free_bytes
         folder.mkdir(parents=True, exist_ok=True)
 
     def save(self, name: str, data: bytes) -> None:
@@ -84,10 +91,15 @@ class ImageStore:
         """
         if not FILE_NAME.match(name):
             raise ValueError(f"not an image file name: {name!r}")
+        self.make_room(len(data) + self._keep_free_bytes)
         temporary = self.folder / f".{name}.tmp"
-        temporary.write_bytes(data)
-        # Replacing in one rename means the HTTP server never serves half a file.
-        temporary.replace(self.folder / name)
+        try:
+            temporary.write_bytes(data)
+            # Replacing in one rename means the HTTP server never serves half a file.
+            temporary.replace(self.folder / name)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # half a file takes space too
+            raise
         self.prune(keep=name)
 
     def list(self) -> list[StoredImage]:
@@ -100,8 +112,22 @@ class ImageStore:
                     images.append(StoredImage(entry.name, stat.st_size, stat.st_mtime))
         return sorted(images, key=lambda image: image.mtime, reverse=True)
 
+    def make_room(self, wanted: int, keep: str | None = None) -> None:
+        """Delete the oldest images until ``wanted`` bytes are free (or no image is left).
+
+        Args:
+            wanted: Free bytes wanted on the folder's file system.
+            keep: A file never deleted (the one just written).
+        """
+        for image in reversed(self.list()):
+            if (free_bytes(self.folder) or 0) >= wanted:
+                return
+            if image.name != keep:
+                (self.folder / image.name).unlink(missing_ok=True)
+                log.info("retention removed %s to keep %d bytes free", image.name, wanted)
+
     def prune(self, keep: str | None = None) -> None:
-        """Delete the oldest images until the folder is within both limits.
+        """Delete the oldest images until the folder is within its limits, free space included.
 
         Args:
             keep: A file never deleted (the one just written), even if it alone is over the limit.
@@ -116,3 +142,4 @@ class ImageStore:
                     continue
                 total -= image.size
                 log.debug("retention removed %s", image.name)
+        self.make_room(self._keep_free_bytes, keep=keep)

@@ -174,6 +174,12 @@ class AgentMetrics:
             "Model loads that failed: raised, or the worker died while loading (out of memory).",
             registry=registry,
         )
+        self.free_bytes = Gauge(
+            "edgeai_free_bytes",
+            "Free space on the file system of a folder the agent writes to (state, images).",
+            ["folder"],
+            registry=registry,
+        )
         self.memory_limit_bytes = Gauge(
             "edgeai_memory_limit_bytes",
             "Memory this agent may use: its cgroup's limit, else physical memory.",

@@ -18,6 +18,7 @@ from agent.mqtt.link import MqttError
 if TYPE_CHECKING:
     from agent.jobs.admission import Admission
     from agent.jobs.runner import Runner
+    from agent.machine.disk import StorageWatch
     from agent.machine.thermal import ThermalGuard
     from agent.metrics import AgentMetrics
     from agent.model.link import WorkerLink
@@ -47,6 +48,7 @@ class AgentStatus:
         guard: ThermalGuard,
         metrics: AgentMetrics,
         changed: asyncio.Event,
+        storage: StorageWatch,
     ) -> None:
         """Create the status over the agent's parts.
 
@@ -60,6 +62,7 @@ class AgentStatus:
             guard: Whether the SoC is cooling down.
             metrics: ``edgeai_state`` and the model's metrics.
             changed: Set by any part whose change the state shows.
+            storage: A write that failed (a full disk), told in the state and health.
         """
         self._settings = settings
         self._topics = topics
@@ -70,6 +73,7 @@ class AgentStatus:
         self._guard = guard
         self._metrics = metrics
         self._changed = changed
+        self._storage = storage
         self._temperature_c: float | None = None
         self._throttled: bool | None = None
         self._recorded: Ready | None = None
@@ -100,8 +104,12 @@ class AgentStatus:
             "last_latency_s": self._runner.last_latency_s,
             "model": self._settings.model,
         }
+        if self._settings.fleet_group is not None:
+            body["fleet"] = self._settings.fleet_group  # peers of the group read it
         if self._worker.status is WorkerStatus.ERROR:
             body["error"] = self._worker.last_error
+        if self._storage.problem is not None:
+            body["storage"] = self._storage.problem
         return body
 
     def publish(self) -> None:
@@ -141,7 +149,8 @@ class AgentStatus:
         """Return whether the agent is healthy, and why (called from the HTTP threads)."""
         state = self.state
         connected = self._link.connected
-        healthy = connected and state != "error"
+        storage = self._storage.problem
+        healthy = connected and state != "error" and storage is None
         details: dict[str, Any] = {
             "status": "ok" if healthy else "degraded",
             "state": state,
@@ -150,6 +159,8 @@ class AgentStatus:
         }
         if state == "error":
             details["error"] = self._worker.last_error
+        if storage is not None:
+            details["storage"] = storage
         return healthy, details
 
     def _record_model(self) -> None:

@@ -46,15 +46,18 @@ fi
 "$prefix/.venv/bin/python" -m pip install -q --upgrade "$prefix/app"
 
 echo "== broker"
-runuser -u edgeai -- "$prefix/app/mosquitto/prepare.sh" "$state/broker" 1883 0.0.0.0 >/dev/null
+# The agent's broker user is named after its node id (per-node access in the ACL).
+node_id=$(cd "$prefix/app" && "$VENV/bin/python" -c 'from agent.settings import load_settings; print(load_settings().node_id)')
+runuser -u edgeai -- "$prefix/app/mosquitto/prepare.sh" "$state/broker" 1883 0.0.0.0 "$node_id" >/dev/null
 
 if [ ! -f "$config/agent.env" ]; then
   install -m 0640 -g edgeai /dev/null "$config/agent.env"
   cat > "$config/agent.env" <<ENV
 # edgeai-agent settings (edgeai-agent --help lists them all)
 EDGEAI_MQTT_HOST=127.0.0.1
-EDGEAI_MQTT_USERNAME=edgeai-agent
-EDGEAI_MQTT_PASSWORD_FILE=$state/broker/credentials/edgeai-agent.password
+EDGEAI_NODE_ID=$node_id
+EDGEAI_MQTT_USERNAME=$node_id
+EDGEAI_MQTT_PASSWORD_FILE=$state/broker/credentials/$node_id.password
 # EDGEAI_MODEL=stabilityai/sdxl-turbo
 # EDGEAI_PUBLIC_URL=http://$(hostname).local:8080
 ENV

@@ -62,11 +62,16 @@ class Broker:
     process: subprocess.Popen[bytes] | None = None
     extra_config: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
+    """Agents (node ids) with a user of their own, as prepare.sh makes them."""
 
     def __post_init__(self) -> None:
+        self._prepare()
+
+    def _prepare(self) -> None:
         prepare = ROOT / "mosquitto" / "prepare.sh"
         subprocess.run(
-            [str(prepare), str(self.state_dir), str(self.port), "127.0.0.1"],
+            [str(prepare), str(self.state_dir), str(self.port), "127.0.0.1", *self.nodes],
             check=True,
             capture_output=True,
             env={**os.environ, **self.env},
@@ -74,6 +79,16 @@ class Broker:
         if self.extra_config:
             with self.config.open("a") as config:
                 config.write("\n" + self.extra_config + "\n")
+
+    def add_node(self, node: str) -> None:
+        """Give an agent a user of its own; a running broker reloads passwords and ACL."""
+        if node in self.nodes:
+            return
+        self.nodes.append(node)
+        self._prepare()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
+            time.sleep(0.2)  # mosquitto reloads between two network passes
 
     @property
     def config(self) -> Path:
@@ -156,8 +171,8 @@ class AgentProcess:
                 "EDGEAI_NODE_ID": self.node_id,
                 "EDGEAI_MQTT_HOST": "127.0.0.1",
                 "EDGEAI_MQTT_PORT": str(self.broker.port),
-                "EDGEAI_MQTT_USERNAME": "edgeai-agent",
-                "EDGEAI_MQTT_PASSWORD_FILE": str(self.broker.password_file("edgeai-agent")),
+                "EDGEAI_MQTT_USERNAME": self.node_id,
+                "EDGEAI_MQTT_PASSWORD_FILE": str(self.broker.password_file(self.node_id)),
                 "EDGEAI_MODEL": str(self.model),
                 "EDGEAI_TINY_VAE": str(self.model / "taesd"),
                 "EDGEAI_STATE_DIR": str(self.state_dir),
@@ -169,12 +184,16 @@ class AgentProcess:
                 "EDGEAI_THERMAL_GLOB": str(self.state_dir / "thermal" / "thermal_zone*" / "temp"),
                 "EDGEAI_VCGENCMD": "edgeai-no-vcgencmd",
                 "EDGEAI_STATE_INTERVAL_S": "2",
+                # Most tests speak to the HTTP API without a token; the token's own tests
+                # (test_security, test_web, test_apis) turn it back on.
+                "EDGEAI_HTTP_AUTH": "false",
             }
         )
         env.update(self.extra_env)
         return env
 
     def start(self, wait: bool = True) -> None:
+        self.broker.add_node(self.node_id)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         command = [sys.executable, "-m", "agent"]

@@ -6,6 +6,8 @@ flood divided by a quiet run. ``tests/test_faults.py`` runs a short version in C
 run by hand:
 
     .venv/bin/python -m tests.faults --jobs 60 --faults 12 --flood 1000
+    .venv/bin/python -m tests.faults --fleet --jobs 12 --faults 0    # the fleet's churn
+    .venv/bin/python -m tests.faults --fleet --jobs 12 --faults 2    # and kill -9 of an agent
 
 A duplicate is a job whose result was produced twice (two different result messages for one id).
 The broker may also hand the watcher the very same result message twice after it was killed (MQTT
@@ -231,9 +233,112 @@ def run(
     )
 
 
+@dataclass
+class FleetReport:
+    """What a fleet run found."""
+
+    jobs_sent: int
+    results_received: int
+    duplicates: int
+    lost: int
+    fleet_messages: int
+    """Messages on the fleet topic: the jobs sent plus every pass-back."""
+    split: dict[str, int]
+    kills: int
+    seconds: float
+
+    @property
+    def republished(self) -> int:
+        """Return how many times jobs were published again by an agent."""
+        return self.fleet_messages - self.jobs_sent
+
+    def as_dict(self) -> dict[str, object]:
+        """Return the report as JSON-ready data."""
+        return {**vars(self), "republished": self.republished}
+
+
+FLEET_JOB = {"prompt": "a lighthouse", "width": 1024, "height": 1024, "steps": 8}
+"""A job of a few seconds on the tiny model."""
+
+
+def run_fleet(*, jobs: int, kills: int, seed: int, timeout: float) -> FleetReport:
+    """Two agents in one fleet group; ``jobs`` fleet jobs; agent one killed ``kills`` times.
+
+    A watcher subscribed to the fleet topic itself (not shared) sees every publish there, the
+    jobs sent and each pass-back; another sees every result, on the fleet topic and on the
+    agents' own, which tell who ran what.
+    """
+    chance = random.Random(seed)
+    fleet = {"EDGEAI_FLEET_GROUP": "workers", "EDGEAI_MQTT_RECONNECT_MAX_S": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        model = build_tiny_pipeline(root / "model")
+        broker = start_broker(root / "broker")
+        agents = [AgentProcess(broker, model, root / f"agent{n}", dict(fleet)) for n in (1, 2)]
+        watcher = broker.client(persistent=True, client_id="fleet-watcher")
+        sender = broker.client(persistent=True, client_id="fleet-sender")
+        # Only agents may read the fleet topic itself: an agent-like user of its own counts.
+        broker.add_node("fleet-counter")
+        counter = broker.client("fleet-counter", persistent=True, client_id="fleet-counter")
+        try:
+            for agent in agents:
+                agent.start()
+            counter.subscribe("edgeai/fleet/generate")
+            watcher.subscribe("edgeai/fleet/result/+", "edgeai/+/result/+")
+            ids = [f"fleet-{index}" for index in range(jobs)]
+            began = time.monotonic()
+            for job_id in ids:
+                sender.publish("edgeai/fleet/generate", json.dumps({**FLEET_JOB, "id": job_id}))
+            for _ in range(kills):
+                time.sleep(chance.uniform(2.0, 6.0))
+                agents[0].signal(signal.SIGKILL)
+                agents[0].process.wait()
+                time.sleep(chance.uniform(0.1, 1.0))
+                agents[0].start(wait=False)
+            deadline = time.monotonic() + timeout
+            results: dict[str, set[bytes]] = defaultdict(set)
+            while time.monotonic() < deadline:
+                results = defaultdict(set)
+                for message in watcher.messages_matching("edgeai/fleet/result/"):
+                    results[message.topic.rsplit("/", 1)[1]].add(message.payload)
+                if all(job_id in results for job_id in ids):
+                    break
+                time.sleep(0.2)
+            seconds = time.monotonic() - began
+            time.sleep(2)  # a duplicate would arrive now
+            split: dict[str, int] = defaultdict(int)
+            for message in watcher.seen:
+                parts = message.topic.split("/")
+                if parts[1] != "fleet" and parts[2] == "result":
+                    split[parts[1]] += 1
+            fleet_messages = len(counter.messages("edgeai/fleet/generate"))
+        finally:
+            counter.close()
+            watcher.close()
+            sender.close()
+            for agent in agents:
+                agent.stop()
+            broker.stop()
+    return FleetReport(
+        jobs_sent=jobs,
+        results_received=sum(1 for job_id in ids if results.get(job_id)),
+        duplicates=sum(1 for job_id in ids if len(results.get(job_id, ())) > 1),
+        lost=sum(1 for job_id in ids if not results.get(job_id)),
+        fleet_messages=fleet_messages,
+        split=dict(split),
+        kills=kills,
+        seconds=round(seconds, 1),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="the fleet case: two agents share fleet jobs, agent one is killed --faults times",
     )
     parser.add_argument("--jobs", type=int, default=60)
     parser.add_argument(
@@ -246,6 +351,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300)
     arguments = parser.parse_args()
+    if arguments.fleet:
+        fleet = run_fleet(
+            jobs=arguments.jobs,
+            kills=arguments.faults,
+            seed=arguments.seed,
+            timeout=arguments.timeout,
+        )
+        print(f"fleet jobs sent:    {fleet.jobs_sent}")
+        print(f"results received:   {fleet.results_received}")
+        print(f"duplicates:         {fleet.duplicates}")
+        print(f"lost:               {fleet.lost}")
+        print(
+            f"fleet topic:        {fleet.fleet_messages} messages, {fleet.republished} republished"
+        )
+        print(f"split:              {fleet.split}")
+        print(f"kills (kill -9):    {fleet.kills}; {fleet.seconds} s")
+        print(json.dumps(fleet.as_dict()))
+        sys.exit(0 if fleet.lost == 0 and fleet.duplicates == 0 else 1)
     report = run(
         jobs=arguments.jobs,
         faults=arguments.faults,

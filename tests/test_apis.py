@@ -25,7 +25,12 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def api_agent(module_broker, tiny_model, tmp_path_factory):
-    env = {"EDGEAI_API_TOKEN": TOKEN, "EDGEAI_MAX_STEPS": "50", "EDGEAI_MAX_QUEUE": "2"}
+    env = {
+        "EDGEAI_API_TOKEN": TOKEN,
+        "EDGEAI_HTTP_AUTH": "true",
+        "EDGEAI_MAX_STEPS": "50",
+        "EDGEAI_MAX_QUEUE": "2",
+    }
     agent = AgentProcess(module_broker, tiny_model, tmp_path_factory.mktemp("api-agent"), env)
     agent.start()
     yield agent

@@ -5,8 +5,12 @@ from __future__ import annotations
 import configparser
 import json
 import re
+import shutil
 import stat
 import subprocess
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ import yaml
 from agent.mqtt.discovery import announcements
 from agent.mqtt.topics import Topics
 from agent.settings import Settings
-from tests.conftest import ROOT, require_command
+from tests.conftest import ROOT, free_port, generate, require_command
 
 DEPLOY = ROOT / "deploy"
 SHELL_SCRIPTS = [
@@ -164,3 +168,102 @@ def test_home_assistant_examples_use_only_discovered_entities():
     assert used, "the examples use no edgeai entity"
     assert used <= discovered, f"not discovered: {sorted(used - discovered)}"
     assert "text.edgeai_pi5_prompt" in used
+
+
+def test_every_alert_has_unit_tests_that_pass_promtool():
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    names = {rule["alert"] for group in alerts["groups"] for rule in group["rules"]}
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())["tests"]
+    fires, quiet = set(), set()
+    for test in tests:
+        for case in test["alert_rule_test"]:
+            (fires if case["exp_alerts"] else quiet).add(case["alertname"])
+    assert fires == names, f"alerts never shown to fire: {sorted(names - fires)}"
+    assert quiet == names, f"alerts never shown to stay quiet: {sorted(names - quiet)}"
+    tested = promtool("test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yml"))
+    print(tested.stdout, tested.stderr)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+def prometheus_query(port: int, expression: str) -> list[dict]:
+    query = urllib.parse.urlencode({"query": expression})
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=10) as r:
+        answer = json.loads(r.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def wait_scrapes(port: int, count: int, after: float = 0.0) -> None:
+    """Wait until Prometheus has scraped the agent ``count`` times (since ``after``)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            samples = prometheus_query(port, 'up{job="edgeai-agent"}[1m]')
+        except OSError:
+            samples = []
+        times = [float(at) for at, _ in samples[0]["values"]] if samples else []
+        if sum(1 for at in times if at > after) >= count:
+            return
+        time.sleep(0.5)
+    raise AssertionError("Prometheus did not scrape the agent")
+
+
+def test_prometheus_scrapes_the_agent_as_shipped_and_the_dashboard_queries_answer(
+    broker, make_agent, tmp_path
+):
+    agent = make_agent(broker, start=False)
+    zone = agent.state_dir / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "temp").write_text("57500\n")
+    agent.start()
+    # The shipped configuration, pointed at this agent and scraping every second.
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{agent.http_port}"]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prometheus = subprocess.Popen(
+        [
+            shutil.which("prometheus") or "/usr/bin/prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_scrapes(port, 3)
+        client = broker.client()
+        for _ in range(3):  # jobs while Prometheus watches: the latency histograms move
+            assert generate(client, agent)["status"] == "ok"
+        client.close()
+        wait_scrapes(port, 3, after=time.time())
+        # As the dashboard asks: its own expressions, its variables filled in.
+        expressions = {
+            # Grafana's label_values(metric, label) asks Prometheus for the metric's series.
+            re.sub(r"^label_values\((.+), \w+\)$", r"\1", expression)
+            .replace("$instance", ".*")
+            .replace("$__rate_interval", "1m")
+            for expression in all_expressions()
+        }
+        for expression in expressions:
+            prometheus_query(port, expression)  # each one evaluates
+        temperature = prometheus_query(port, 'edgeai_soc_temperature_celsius{instance=~".*"}')
+        assert float(temperature[0]["value"][1]) == 57.5
+        assert temperature[0]["metric"]["node"] == "pi5"  # the shipped label
+        latency = prometheus_query(
+            port,
+            "histogram_quantile(0.95, sum by (le, instance) "
+            '(rate(edgeai_job_seconds_bucket{instance=~".*"}[1m])))',
+        )
+        p95 = float(latency[0]["value"][1])
+        print(f"p95 job latency from Prometheus: {p95:.3f} s; temperature 57.5 °C")
+        assert 0 < p95 < 60
+        assert float(prometheus_query(port, 'up{job="edgeai-agent"}')[0]["value"][1]) == 1
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)

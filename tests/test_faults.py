@@ -13,3 +13,13 @@ def test_short_fault_run_loses_nothing_and_duplicates_nothing():
     assert report.duplicates == 0
     assert report.results_received == report.jobs_sent
     assert report.malformed_sent == 300
+
+
+def test_a_fleet_loses_nothing_duplicates_nothing_and_does_not_churn_across_a_kill():
+    report = faults.run_fleet(jobs=12, kills=1, seed=3, timeout=240)
+    print(report.as_dict())
+    assert report.lost == 0
+    assert report.duplicates == 0
+    assert report.results_received == report.jobs_sent
+    assert report.republished <= report.jobs_sent  # at most one pass-back per job on average
+    assert sum(report.split.values()) >= report.jobs_sent

@@ -16,7 +16,13 @@ TOKEN = "ha-test-token"
 
 
 def test_the_integration_in_home_assistant(broker, make_agent):
-    agent = make_agent(broker, EDGEAI_API_TOKEN=TOKEN, EDGEAI_MAX_STEPS="50", EDGEAI_MAX_QUEUE="2")
+    agent = make_agent(
+        broker,
+        EDGEAI_API_TOKEN=TOKEN,
+        EDGEAI_HTTP_AUTH="true",
+        EDGEAI_MAX_STEPS="50",
+        EDGEAI_MAX_QUEUE="2",
+    )
     completed = subprocess.run(
         [
             str(ROOT / "scripts" / "ha-env"),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import stat
 import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -76,15 +80,68 @@ def test_a_client_cannot_read_another_nodes_requests(broker):
 
 
 def test_the_agent_user_cannot_send_requests(broker):
-    agent_like = broker.client("edgeai-agent")
+    broker.add_node("pi")
+    agent_like = broker.client("pi")
     agent_like.subscribe("edgeai/pi/generate")  # the agent may read requests ...
-    mosquitto_pub(
-        broker, "-t", "edgeai/pi/generate", "-m", "x", user="edgeai-agent"
-    )  # ... not write
+    mosquitto_pub(broker, "-t", "edgeai/pi/generate", "-m", "x", user="pi")  # ... not write
     assert nothing_arrives(agent_like, "edgeai/pi/generate")
     mosquitto_pub(broker, "-t", "edgeai/pi/generate", "-m", "x")
     agent_like.wait_for("edgeai/pi/generate", timeout=10)
     agent_like.close()
+
+
+def mosquitto_sub(broker, user: str, *topics: str) -> subprocess.Popen[str]:
+    """Run mosquitto_sub as ``user``, printing topic and payload, until it is terminated."""
+    filters = [argument for topic in topics for argument in ("-t", topic)]
+    return subprocess.Popen(
+        [
+            require_command("mosquitto_sub"),
+            *("-h", "127.0.0.1", "-p", str(broker.port), "-V", "5", "-q", "1", "-v"),
+            *("-u", user, "-P", broker.password(user), *filters),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def seen(process: subprocess.Popen[str]) -> str:
+    time.sleep(1.5)
+    process.terminate()
+    return process.communicate(timeout=10)[0]
+
+
+def test_each_agent_reads_only_its_own_requests_and_writes_only_its_own_outputs(broker):
+    """As pi-b's user, with mosquitto_pub and mosquitto_sub, against pi-a's topics."""
+    broker.add_node("pi-a")
+    broker.add_node("pi-b")
+    # pi-b listens on pi-a's requests and its own; a client sends one to each.
+    snoop = mosquitto_sub(broker, "pi-b", "edgeai/pi-a/generate", "edgeai/pi-b/generate")
+    time.sleep(0.5)
+    mosquitto_pub(broker, "-t", "edgeai/pi-a/generate", "-m", "for pi-a")
+    mosquitto_pub(broker, "-t", "edgeai/pi-b/generate", "-m", "for pi-b")
+    received = seen(snoop)
+    assert "edgeai/pi-b/generate for pi-b" in received
+    assert "for pi-a" not in received
+    # pi-b writes a result and an image for itself (seen) and forges them for pi-a (dropped).
+    watcher = mosquitto_sub(broker, "edgeai-client", "edgeai/+/result/+", "edgeai/+/image")
+    time.sleep(0.5)
+    for node in ("pi-a", "pi-b"):
+        mosquitto_pub(
+            broker, "-t", f"edgeai/{node}/result/x", "-m", f"from pi-b as {node}", user="pi-b"
+        )
+        mosquitto_pub(broker, "-t", f"edgeai/{node}/image", "-m", f"image as {node}", user="pi-b")
+    received = seen(watcher)
+    assert "edgeai/pi-b/result/x from pi-b as pi-b" in received
+    assert "edgeai/pi-b/image image as pi-b" in received
+    assert "as pi-a" not in received
+    # Both share the fleet: pi-b reads fleet requests and writes fleet results.
+    fleet = mosquitto_sub(broker, "pi-b", "$share/workers/edgeai/fleet/generate")
+    results = mosquitto_sub(broker, "edgeai-client", "edgeai/fleet/result/+")
+    time.sleep(0.5)
+    mosquitto_pub(broker, "-t", "edgeai/fleet/generate", "-m", "a fleet job")
+    mosquitto_pub(broker, "-t", "edgeai/fleet/result/f1", "-m", "done", user="pi-b")
+    assert "edgeai/fleet/generate a fleet job" in seen(fleet)
+    assert "edgeai/fleet/result/f1 done" in seen(results)
 
 
 def openssl(*args: str, cwd) -> None:
@@ -196,3 +253,56 @@ def test_models_load_from_safetensors_only(broker, make_agent, tiny_model, tmp_p
     agent.start(wait=False)
     state = agent.wait_state("error")
     assert "safetensors" in state["error"]
+
+
+def post_job(agent, body: dict, token: str | None = None) -> int:
+    request = urllib.request.Request(
+        agent.url + "/api/jobs", data=json.dumps(body).encode(), method="POST"
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_agent_is_secure_by_default(broker, make_agent):
+    # No token configured, nothing turned off: the agent makes one, and HTTP needs it.
+    agent = make_agent(broker, EDGEAI_HTTP_AUTH="true")
+    token_file = agent.state_dir / "api-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) >= 24
+    assert post_job(agent, {"prompt": "x"}) == 401
+    assert post_job(agent, {"prompt": "x"}, token="wrong") == 401
+    assert agent.http_get("/v1/models")[0] == 401
+    assert post_job(agent, {"prompt": "x", "id": "secure"}, token=token) == 202
+    # The image URL handed out (to Home Assistant's image entity, say) opens that image alone.
+    client = broker.client()
+    result = generate(client, agent, output="url")
+    client.close()
+    url = result["image"]["url"]
+    assert "?sig=" in url
+    assert agent.http_get(url.removeprefix(agent.url))[0] == 200
+    assert agent.http_get(url.removeprefix(agent.url).split("?")[0])[0] == 401
+    # The same token after a restart; the page's address carries it.
+    agent.stop()
+    agent.start()
+    assert token_file.read_text().strip() == token
+    page = subprocess.run(
+        [sys.executable, "-m", "agent", "--page-url"],
+        env=agent.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert page == f"{agent.url}/?token={token}"
+
+
+def test_turning_http_auth_off_is_said_in_the_log(broker, make_agent):
+    agent = make_agent(broker, EDGEAI_HTTP_AUTH="false")
+    assert post_job(agent, {"prompt": "x"}) == 202
+    assert "HTTP authentication is off" in agent.log()
+    assert not (agent.state_dir / "api-token").exists()

@@ -110,7 +110,7 @@ def test_api_cancel(shared_agent):
 
 
 def test_token_guards_writes_and_private_reads(broker, make_agent):
-    agent = make_agent(broker, EDGEAI_API_TOKEN="s3cret")
+    agent = make_agent(broker, EDGEAI_API_TOKEN="s3cret", EDGEAI_HTTP_AUTH="true")
     assert call(agent, "POST", "/api/jobs", {"prompt": "x"})[0] == 401
     assert call(agent, "POST", "/api/jobs", {"prompt": "x"}, token="wrong")[0] == 401
     status, _body = call(
@@ -118,8 +118,12 @@ def test_token_guards_writes_and_private_reads(broker, make_agent):
     )
     assert status == 202
     reply = wait_done(agent, "guarded")["reply"]
-    path = reply["image"]["url"].removeprefix(agent.url)
-    assert agent.http_get(path)[0] == 401
+    signed = reply["image"]["url"].removeprefix(agent.url)
+    path, _, signature = signed.partition("?sig=")
+    assert signature  # the URL the agent hands out opens this one image ...
+    assert agent.http_get(signed)[0] == 200
+    assert agent.http_get(path)[0] == 401  # ... the bare name does not
+    assert agent.http_get(f"{path}?sig={'0' * len(signature)}")[0] == 401
     assert agent.http_get("/api/images")[0] == 401
     assert agent.http_get(path + "?token=s3cret")[0] == 200
     assert agent.http_get("/healthz")[0] == 200  # health and metrics stay open

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.jobs.journal import JobStatus
 from agent.jobs.requests import ErrorCode, RequestError
 from agent.jobs.runner import Job
+from agent.machine.disk import StorageWatch, is_full
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -58,7 +60,7 @@ class Ticket:
 class Admission:
     """Admits requests from every entry point into the journal and the runner's queue."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the parts admission ties together
         self,
         *,
         journal: Journal,
@@ -66,6 +68,7 @@ class Admission:
         metrics: AgentMetrics,
         max_queue: int,
         on_change: Callable[[], None],
+        storage: StorageWatch | None = None,
     ) -> None:
         """Create the admission; :meth:`run` journals what is offered.
 
@@ -75,12 +78,14 @@ class Admission:
             metrics: Request outcomes (per API) and the queue depth.
             max_queue: Jobs waiting at most; one more is refused as busy.
             on_change: Called when the queue depth changes.
+            storage: Where a journal that cannot be written is recorded.
         """
         self._journal = journal
         self._runner = runner
         self._metrics = metrics
         self._max_queue = max_queue
         self._on_change = on_change
+        self._storage = storage or StorageWatch({})
         self._intake: asyncio.Queue[Ticket] = asyncio.Queue()
         self._taking = 0
         self._open = True
@@ -142,17 +147,12 @@ class Admission:
             except RequestError as exc:
                 self._count(exc.code.value, ticket.api)
                 ticket.settled.set_exception(exc)
-            except Exception as exc:  # a request must never go unanswered, even on a bug
-                log.exception("unexpected error while admitting %s", ticket.spec.id)
-                error = RequestError(
-                    ErrorCode.INTERNAL_ERROR,
-                    f"internal error: {exc}",
-                    job_id=ticket.spec.id,
-                    reply_to=ticket.spec.reply_to,
-                )
+            except Exception as exc:  # noqa: BLE001 - a request must never go unanswered
+                error = self._error_of(exc, ticket.spec)
                 self._count(error.code.value, ticket.api)
                 ticket.settled.set_exception(error)
             else:
+                self._storage.succeeded("the journal")
                 ticket.settled.set_result(admitted)
             finally:
                 self._taking -= 1
@@ -179,6 +179,20 @@ class Admission:
         self._runner.submit(Job(spec, expires_at=ticket.expires_at))
         self._count("accepted", ticket.api)
         return Admitted(spec)
+
+    def _error_of(self, exc: Exception, spec: JobSpec) -> RequestError:
+        """Return the reply of a request whose journal row could not be written, or of a bug."""
+        if isinstance(exc, (OSError, sqlite3.Error)):
+            sentence = self._storage.failed("the journal", self._journal.path.parent, exc)
+            code = ErrorCode.STORAGE_FULL if is_full(exc) else ErrorCode.STORAGE_ERROR
+            return RequestError(code, sentence, job_id=spec.id, reply_to=spec.reply_to)
+        log.error("unexpected error while admitting %s", spec.id, exc_info=exc)
+        return RequestError(
+            ErrorCode.INTERNAL_ERROR,
+            f"internal error: {exc}",
+            job_id=spec.id,
+            reply_to=spec.reply_to,
+        )
 
     def _check_room(self, spec: JobSpec) -> None:
         if not self._open:

@@ -101,6 +101,7 @@ class Journal:
         Args:
             path: The SQLite file.
         """
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._connection = self._executor.submit(self._connect, path).result()

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from agent.images import file_name
 from agent.jobs.events import JobEvents
-from agent.jobs.requests import ErrorCode, error_body
+from agent.jobs.requests import ErrorCode, RequestError, error_body
+from agent.machine.disk import StorageWatch, is_full
 from agent.mqtt.link import MqttError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from agent.images import ImageStore
@@ -36,13 +38,16 @@ def _json(body: dict[str, Any]) -> str:
 class Outbox:
     """Publishes job events and results on the contract's topics."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - what the outbox publishes with
         self,
         link: MqttLink,
         topics: Topics,
         store: ImageStore,
         metrics: AgentMetrics,
         base_url: str,
+        *,
+        sign: Callable[[str], str | None] = lambda _name: None,
+        storage: StorageWatch | None = None,
     ) -> None:
         """Create the outbox.
 
@@ -52,11 +57,15 @@ class Outbox:
             store: The image folder.
             metrics: Where stage timings go.
             base_url: Public URL of the HTTP server, for image URLs.
+            sign: Returns the signature an image's URL carries (None: URLs need none).
+            storage: Where a failed write of an image is recorded.
         """
         self._link = link
         self._topics = topics
         self._store = store
         self._metrics = metrics
+        self._sign = sign
+        self._storage = storage or StorageWatch({"images": store.folder})
         self.base_url = base_url
         self.model = ""
         self.events = JobEvents()
@@ -80,7 +89,10 @@ class Outbox:
 
     def url(self, spec: JobSpec) -> str:
         """Return the URL a job's image is served at."""
-        return f"{self.base_url}/images/{file_name(spec.id, spec.format)}"
+        name = file_name(spec.id, spec.format)
+        signature = self._sign(name)
+        url = f"{self.base_url}/images/{name}"
+        return url if signature is None else f"{url}?sig={signature}"
 
     def job_event(self, job_id: str, event: str, **fields: Any) -> None:  # noqa: ANN401 - JSON values
         """Publish one event of a job on ``jobs/<id>`` (and to the web page's streams)."""
@@ -134,9 +146,25 @@ class Outbox:
 
         Returns:
             The result body, and the image in base64.
+
+        Raises:
+            RequestError: The image cannot be written (``storage_full``, ``storage_error``) and
+                the result cannot carry it either (a URL was asked for, or it is too large).
         """
-        await asyncio.to_thread(self._store.save, file_name(spec.id, spec.format), finished.data)
         encoded = await asyncio.to_thread(lambda: base64.b64encode(finished.data).decode("ascii"))
+        unsaved: str | None = None
+        try:
+            await asyncio.to_thread(
+                self._store.save, file_name(spec.id, spec.format), finished.data
+            )
+        except OSError as exc:
+            sentence = self._storage.failed("the image", self._store.folder, exc)
+            if not self._deliverable(spec, encoded):
+                code = ErrorCode.STORAGE_FULL if is_full(exc) else ErrorCode.STORAGE_ERROR
+                raise RequestError(code, sentence, job_id=spec.id) from exc
+            unsaved = f"{sentence}; the image has no URL"
+        else:
+            self._storage.succeeded("the image")
         stages = finished.timings
         generation = stages["text_encoding"] + stages["denoising"] + stages["decoding"]
         latency = time.monotonic() - received
@@ -161,8 +189,10 @@ class Outbox:
                 "encoding_s": round(stages["image_encoding"], 4),
                 "total_s": round(latency, 4),
             },
-            "image": self._image_field(spec, encoded),
+            "image": self._image_field(spec, encoded, saved=unsaved is None),
         }
+        if unsaved is not None:
+            body["image"]["note"] = unsaved
         self._metrics.generation_seconds.observe(generation)
         if stages.get("prompt_cache_hit"):
             self._metrics.prompt_cache_hits.inc()
@@ -171,24 +201,34 @@ class Outbox:
         self._metrics.job_seconds.observe(latency)
         return body, encoded
 
-    def _image_field(self, spec: JobSpec, encoded: str | None) -> dict[str, Any]:
+    def _deliverable(self, spec: JobSpec, encoded: str) -> bool:
+        """Return whether the result itself can carry the image (no file needed)."""
+        # JSON around the base64 adds well under 2 KiB; keep that much headroom.
+        fits = len(encoded) + 2048 <= self._link.packet_limit
+        return spec.output in ("b64", "both") and fits
+
+    def _image_field(
+        self, spec: JobSpec, encoded: str | None, *, saved: bool = True
+    ) -> dict[str, Any]:
         image: dict[str, Any] = {"format": spec.format}
         wants_b64 = spec.output in ("b64", "both")
         if wants_b64 and encoded is not None:
-            # JSON around the base64 adds well under 2 KiB; keep that much headroom.
-            if len(encoded) + 2048 <= self._link.packet_limit:
+            if self._deliverable(spec, encoded):
                 image["b64"] = encoded
             else:
                 image["note"] = TOO_LARGE_NOTE
-        if spec.output in ("url", "both") or "note" in image or (wants_b64 and encoded is None):
+        wants_url = spec.output in ("url", "both") or "note" in image
+        if saved and (wants_url or (wants_b64 and encoded is None)):
             image["url"] = self.url(spec)
         return image
 
     def latest(self, spec: JobSpec, body: dict[str, Any], encoded: str) -> None:
-        """Publish the retained latest-image topics."""
+        """Publish the retained latest-image topics (the URL only if the file was written)."""
         if len(encoded) <= self._link.packet_limit:
             self._publish(self._topics.image, encoded, retain=True)
-        self._publish(self._topics.image_url, self.url(spec), retain=True)
+        saved = "url" in body["image"] or "note" not in body["image"]
+        if saved:
+            self._publish(self._topics.image_url, self.url(spec), retain=True)
         attributes = {
             "id": spec.id,
             "prompt": spec.prompt,
@@ -198,7 +238,7 @@ class Outbox:
             "steps": spec.steps,
             "format": spec.format,
             "latency_s": body["latency_s"],
-            "url": self.url(spec),
+            "url": self.url(spec) if saved else None,
         }
         self._publish(self._topics.image_attributes, _json(attributes), retain=True)
 

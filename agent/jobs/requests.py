@@ -48,6 +48,8 @@ class ErrorCode(StrEnum):
     RETAINED_REQUEST = "retained_request"
     EXPIRED = "expired"
     NO_PROMPT = "no_prompt"
+    STORAGE_FULL = "storage_full"
+    STORAGE_ERROR = "storage_error"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.jobs.journal import JobStatus
-from agent.jobs.requests import ErrorCode, error_body
+from agent.jobs.requests import ErrorCode, RequestError, error_body
+from agent.machine.disk import StorageWatch, is_full
 from agent.model.link import WorkerDiedError, WorkerUnavailableError
 from agent.model.protocol import Cancelled, Failed, Finished
 
@@ -55,6 +57,7 @@ class Runner:
         metrics: AgentMetrics,
         max_attempts: int,
         on_change: Callable[[], None],
+        storage: StorageWatch | None = None,
     ) -> None:
         """Create the runner; :meth:`run` serves the queue.
 
@@ -66,6 +69,7 @@ class Runner:
             metrics: Queue and job metrics.
             max_attempts: Runs of a job whose worker died before the job fails.
             on_change: Called when the queue or the running job changes.
+            storage: Where a failed write of the journal is recorded.
         """
         self._worker = worker
         self._outbox = outbox
@@ -74,6 +78,7 @@ class Runner:
         self._metrics = metrics
         self._max_attempts = max_attempts
         self._on_change = on_change
+        self._storage = storage or StorageWatch({})
         self._queue: deque[Job] = deque()
         self._wakeup = asyncio.Event()
         self._finished = asyncio.Event()
@@ -177,6 +182,8 @@ class Runner:
             self._changed()
             try:
                 await self._run_one(job)
+            except Exception as exc:  # noqa: BLE001 - a job must never go unanswered, even on a bug
+                await self._answer_after_error(job, exc)
             finally:
                 self.current = None
                 self._finished.set()
@@ -233,7 +240,7 @@ class Runner:
         spec = job.spec
         begun = time.monotonic()
         body, encoded = await self._outbox.result(spec, finished, job.received, queue_wait)
-        await self._journal.finish(spec.id, self._outbox.stored(body))
+        await self._record(spec.id, self._outbox.stored(body))
         self._wake_waiters(spec.id)
         # The latest-image topics first: a client that gets the result finds them updated.
         self._outbox.latest(spec, body, encoded)
@@ -243,12 +250,34 @@ class Runner:
         self._metrics.jobs.labels(status="done").inc()
         self.last_latency_s = body["latency_s"]
 
+    async def _answer_after_error(self, job: Job, error: Exception) -> None:
+        """Answer a job whose path raised: its own refusal, a full disk, or a bug (logged)."""
+        if isinstance(error, RequestError):
+            await self._fail(job, error.code, error.message)
+            return
+        if is_full(error) or isinstance(error, (OSError, sqlite3.Error)):
+            sentence = self._storage.failed("the journal", self._journal.path.parent, error)
+            code = ErrorCode.STORAGE_FULL if is_full(error) else ErrorCode.STORAGE_ERROR
+            await self._fail(job, code, sentence)
+            return
+        log.error("job %s failed in the agent", job.spec.id, exc_info=error)
+        await self._fail(job, ErrorCode.INTERNAL_ERROR, f"internal error: {error}")
+
+    async def _record(self, job_id: str, body: dict[str, Any]) -> None:
+        """Journal a job's reply; a journal that cannot be written is said, not fatal."""
+        try:
+            await self._journal.finish(job_id, body)
+        except (OSError, sqlite3.Error) as exc:
+            self._storage.failed("the journal", self._journal.path.parent, exc)
+        else:
+            self._storage.succeeded("the journal")
+
     async def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         status = "cancelled" if code is ErrorCode.CANCELLED else "failed"
         self._metrics.jobs.labels(status=status).inc()
         log.info("job %s %s: %s", job.spec.id, status, message)
         body: dict[str, Any] = error_body(job.spec.id, code, message)
-        await self._journal.finish(job.spec.id, body)
+        await self._record(job.spec.id, body)
         self._wake_waiters(job.spec.id)
         self._outbox.job_event(job.spec.id, status, error=body["error"])
         self._confirm(job.spec, self._outbox.reply(job.spec, body))
@@ -260,7 +289,10 @@ class Runner:
 
         async def confirm() -> None:
             await acknowledged
-            await self._journal.delivered(spec.id)
+            try:
+                await self._journal.delivered(spec.id)
+            except (OSError, sqlite3.Error) as exc:
+                self._storage.failed("the journal", self._journal.path.parent, exc)
 
         task = asyncio.create_task(confirm(), name=f"confirm-{spec.id}")
         self._confirmations.add(task)

@@ -97,6 +97,7 @@ class MqttLink:
         self._settings = settings
         self._topics = topics
         self._subscriptions: list[str] = []
+        self._with_retained: list[str] = []
         self._on_message: Callable[[Inbound], None] = lambda _message: None
         self._on_connection = on_connection
         self._loop = asyncio.get_running_loop()
@@ -127,9 +128,24 @@ class MqttLink:
         self._client = client
         self._unacknowledged: dict[int, asyncio.Future[None]] = {}
 
-    def subscribe(self, topics: Iterable[str], on_message: Callable[[Inbound], None]) -> None:
-        """Subscribe to ``topics`` at QoS 1 on every connect; hand messages to ``on_message``."""
+    def subscribe(
+        self,
+        topics: Iterable[str],
+        on_message: Callable[[Inbound], None],
+        *,
+        with_retained: Iterable[str] = (),
+    ) -> None:
+        """Subscribe to ``topics`` at QoS 1 on every connect; hand messages to ``on_message``.
+
+        Args:
+            topics: Topics (or filters) whose retained messages are never sent at subscribe
+                time: requests, which would run again at every reconnect.
+            on_message: Called on the event loop for each message.
+            with_retained: Topics whose retained message is wanted at once (other agents'
+                state, for the fleet).
+        """
         self._subscriptions = list(topics)
+        self._with_retained = list(with_retained)
         self._on_message = on_message
 
     async def wait_connected(self) -> None:
@@ -247,7 +263,10 @@ class MqttLink:
         # run again at every reconnect); retainAsPublished: a request published with the retain
         # flag keeps it, so the agent can refuse it.
         options = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=2)
-        client.subscribe([(topic, options) for topic in self._subscriptions])
+        wanted = [(topic, options) for topic in self._subscriptions]
+        retained = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=0)
+        wanted += [(topic, retained) for topic in self._with_retained]
+        client.subscribe(wanted)
         if self._announces:
             client.publish(self._topics.availability, "online", qos=1, retain=True)
         self._loop.call_soon_threadsafe(self._set_connected, True, max_packet)

@@ -17,6 +17,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from paho.mqtt.client import topic_matches_sub
+
 from agent.jobs.requests import (
     MAX_SEED,
     ErrorCode,
@@ -158,6 +160,14 @@ class MqttRoutes:
             topics.cancel: self.cancel,
             f"{settings.discovery_prefix}/status": self.home_assistant_status,
         }
+        self.watched: dict[str, Callable[[Inbound], None]] = {}
+        """Topic filters whose retained messages are wanted too (other agents' state), and who
+        reads them."""
+
+    def watch(self, filters: list[str], reader: Callable[[Inbound], None]) -> None:
+        """Hand messages on these filters (retained ones included) to ``reader``."""
+        for topic_filter in filters:
+            self.watched[topic_filter] = reader
 
     def on_message(self, message: Inbound) -> None:
         """Route one message; a bug still answers it, and it is acknowledged exactly once."""
@@ -165,6 +175,9 @@ class MqttRoutes:
         try:
             handler = self.table.get(message.topic)
             if handler is None:
+                for topic_filter, reader in self.watched.items():
+                    if topic_matches_sub(topic_filter, message.topic):
+                        reader(message)
                 ack()
                 return
             handler(message, ack)

@@ -95,6 +95,11 @@ class Settings(ServiceSettings, ModelSettings, NetworkSettings, BaseSettings):
         return self.state_dir / "journal.sqlite3"
 
     @property
+    def api_token_path(self) -> Path:
+        """Return where the generated API token is kept (when api_token is not set)."""
+        return self.state_dir / "api-token"
+
+    @property
     def images_path(self) -> Path:
         """Return the folder generated images are written to."""
         return self.image_dir if self.image_dir is not None else self.state_dir / "images"

@@ -45,6 +45,12 @@ class ServiceSettings(BaseModel):
     image_keep_bytes: int = Field(
         default=500_000_000, ge=1, description="Bytes of images kept on disk at most."
     )
+    image_keep_free_bytes: int = Field(
+        default=200_000_000,
+        ge=0,
+        description="Free space kept on the image folder's file system: the oldest images are "
+        "removed to keep it (a Pi's SD card fills up).",
+    )
     http_host: str = Field(default="0.0.0.0", description="Address the HTTP server binds.")  # noqa: S104 - a LAN appliance serves its LAN
     http_port: int = Field(default=8080, ge=0, le=65535, description="HTTP port; 0 picks one.")
     public_url: str | None = Field(
@@ -55,12 +61,19 @@ class ServiceSettings(BaseModel):
 
     api_token: SecretStr | None = Field(
         default=None,
-        description="When set, creating or cancelling a job over HTTP needs this token "
-        "(Authorization: Bearer, or ?token=).",
+        description="The token creating or cancelling a job over HTTP needs (Authorization: "
+        "Bearer, HTTP Basic password, or ?token=); unset: one generated on first start into "
+        "<state_dir>/api-token.",
+    )
+    http_auth: bool = Field(
+        default=True,
+        description="Require the API token over HTTP; false lets anyone on the network create "
+        "and cancel jobs (logged as a warning).",
     )
     public_images: bool = Field(
         default=False,
-        description="With api_token set, let anyone read images and the gallery without it.",
+        description="Let anyone read images and the gallery without the token; otherwise image "
+        "URLs the agent hands out carry a signature that opens that one image.",
     )
     api_max_images: int = Field(
         default=4,

@@ -111,7 +111,7 @@ class AgentHttpServer:
             return NOT_FOUND
         route, params = found
         query = parse_qs(split.query)
-        if self._gate is None or not self._gate.allows(route.access, headers, query):
+        if self._gate is None or not self._gate.allows(route.access, headers, query, params):
             return route.shape.error(401, "unauthorized", "this needs the API token")
         length = int(headers.get("content-length") or 0)
         if length > self.max_body_bytes:

@@ -4,6 +4,18 @@
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "edgeai-token";
 
+// The address scripts/run prints carries the token once (?token=...): kept, then taken off the
+// address bar so it is not bookmarked or shared.
+(function takeTokenFromAddress() {
+  const url = new URL(window.location.href);
+  const given = url.searchParams.get("token");
+  if (given) {
+    localStorage.setItem(TOKEN_KEY, given);
+    url.searchParams.delete("token");
+    window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+  }
+})();
+
 function token() { return localStorage.getItem(TOKEN_KEY) || ""; }
 function withToken(url) {
   const t = token();
