@@ -16,7 +16,7 @@ def test_short_fault_run_loses_nothing_and_duplicates_nothing():
 
 
 def test_a_fleet_loses_nothing_duplicates_nothing_and_does_not_churn_across_a_kill():
-    report = faults.run_fleet(jobs=12, kills=1, seed=3, timeout=240)
+    report = faults.run_fleet(jobs=8, kills=1, seed=3, timeout=240)
     print(report.as_dict())
     assert report.lost == 0
     assert report.duplicates == 0

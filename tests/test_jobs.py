@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
+import sqlite3
 
 import pytest
 
@@ -150,21 +152,29 @@ def test_after_close_every_request_is_refused_as_shutting_down(tmp_path):
     run(scenario)
 
 
-def test_a_journal_that_fails_answers_internal_error_and_frees_the_place(tmp_path):
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        pytest.param(OSError(errno.ENOSPC, "No space left on device"), "storage_full", id="full"),
+        pytest.param(sqlite3.OperationalError("disk I/O error"), "storage_error", id="broken"),
+        pytest.param(RuntimeError("a bug"), "internal_error", id="bug"),
+    ],
+)
+def test_a_journal_that_fails_answers_and_frees_the_place(tmp_path, failure, code):
     async def scenario():
         jobs = build_jobs(tmp_path)
 
         async def broken(*_args):
-            raise OSError("disk I/O error")
+            raise failure
 
         jobs.journal.add = broken
         refused = await settle(
             jobs.admission.offer(request(jobs, "j"), fingerprint="j", api="mqtt")
         )
-        assert refused.code is ErrorCode.INTERNAL_ERROR
-        assert "disk I/O error" in refused.message
+        assert refused.code.value == code
+        assert str(failure) in refused.message
         assert jobs.admission.queue_depth == 0
-        assert jobs.sample("edgeai_requests_total", outcome="internal_error") == 1
+        assert jobs.sample("edgeai_requests_total", outcome=code) == 1
         await jobs.close()
 
     run(scenario)
@@ -315,6 +325,46 @@ def test_a_request_is_acknowledged_only_once_it_is_journaled(tmp_path):
         assert jobs.link.acks == []  # not yet: its journal row is not committed
         await until(lambda: jobs.link.acks == [5])
         assert await jobs.journal.get("acked") is not None
+        await jobs.close()
+
+    run(scenario)
+
+
+def test_a_job_whose_path_raises_is_answered_and_logged_with_its_traceback(tmp_path, caplog):
+    async def scenario():
+        jobs = build_jobs(tmp_path)
+
+        async def broken(*_args):
+            raise RuntimeError("a bug in the result")
+
+        jobs.outbox.result = broken
+        await jobs.admission.offer(request(jobs, "buggy"), fingerprint="b", api="mqtt")
+        await asyncio.wait_for(jobs.runner.finished("buggy"), 10)
+        error = result(jobs, "buggy")["error"]
+        assert error["code"] == "internal_error"
+        assert "a bug in the result" in error["message"]
+        # The runner goes on with the next job.
+        await jobs.admission.offer(request(jobs, "next"), fingerprint="n", api="mqtt")
+        await asyncio.wait_for(jobs.runner.finished("next"), 10)
+        await jobs.close()
+
+    run(scenario)
+    logged = [record for record in caplog.records if "buggy failed" in record.getMessage()]
+    assert logged
+    assert logged[0].exc_info is not None  # with its traceback
+
+
+def test_a_journal_that_cannot_record_a_reply_still_answers_and_says_so(tmp_path):
+    async def scenario():
+        jobs = build_jobs(tmp_path)
+
+        async def full(*_args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        jobs.journal.finish = full
+        await jobs.admission.offer(request(jobs, "kept"), fingerprint="k", api="mqtt")
+        await until(lambda: jobs.link.on(jobs.topics.result("kept")))
+        assert result(jobs, "kept")["status"] == "ok"  # the image still reaches its client
         await jobs.close()
 
     run(scenario)

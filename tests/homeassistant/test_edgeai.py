@@ -101,13 +101,17 @@ async def test_a_busy_agent_is_a_home_assistant_error(hass):
     slow = {"prompt": "slow", "steps": 50, "width": 1024, "height": 1024}
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with aiohttp.ClientSession() as session:
-        for index in range(3):  # one runs, two wait: the agent's queue (2) is full
-            job = {**slow, "id": f"ha-busy-{time.monotonic_ns()}-{index}"}
+        slow_ids = [f"ha-busy-{time.monotonic_ns()}-{index}" for index in range(3)]
+        for job_id in slow_ids:  # one runs, two wait: the agent's queue (2) is full
+            job = {**slow, "id": job_id}
             async with session.post(f"{URL}/api/jobs", json=job, headers=headers) as answer:
                 assert answer.status == 202
         with pytest.raises(HomeAssistantError) as busy:
             await ai_task.async_generate_image(
                 hass, task_name="busy", entity_id=entity_id, instructions="a red apple"
             )
+        for job_id in slow_ids:  # leave the agent free for whoever comes next
+            async with session.post(f"{URL}/api/jobs/{job_id}/cancel", headers=headers):
+                pass
     print("busy:", busy.value)
     assert "queue is full" in str(busy.value)
