@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent.jobs.requests import ErrorCode, RequestError, parse_generate
+from agent.jobs.requests import parse_generate
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -152,8 +152,3 @@ class JobService:
                 }
             )
         return images[:limit]
-
-
-def unknown_job(job_id: str) -> RequestError:
-    """Return the error for a job id that names no job."""
-    return RequestError(ErrorCode.UNKNOWN_JOB, f"no job has the id {job_id}", job_id=job_id)

@@ -17,10 +17,10 @@ import time
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from agent.jobs.requests import MAX_SEED, RequestError, field_error
-from agent.web.generation import ApiError, Generation
+from agent.jobs.requests import MAX_SEED, RequestError
+from agent.web.generation import ApiError, Generation, parse_body
 from agent.web.routing import Access, Request, Response, Routes, json_body
 
 if TYPE_CHECKING:
@@ -219,12 +219,7 @@ class A1111Api:
 
     @staticmethod
     def _parse(request: Request) -> Txt2ImgRequest:
-        try:
-            body = Txt2ImgRequest.model_validate(json_body(request))
-        except RequestError as exc:
-            raise ApiError.of(exc) from exc
-        except ValidationError as exc:
-            raise ApiError.of(field_error(exc)) from exc
+        body = parse_body(Txt2ImgRequest, request)
         if not -1 <= body.seed <= MAX_SEED:
             raise ApiError(400, "out_of_range", f"seed is outside -1..{MAX_SEED}", "seed")
         return body

@@ -14,15 +14,18 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.jobs.requests import ErrorCode, RequestError, parse_generate
+from pydantic import BaseModel, ValidationError
+
+from agent.jobs.requests import ErrorCode, RequestError, field_error, parse_generate
+from agent.web.routing import json_body
 
 if TYPE_CHECKING:
     from agent.jobs.requests import JobSpec
     from agent.jobs.service import JobService
     from agent.settings import Settings
-    from agent.web.routing import LoopCalls
+    from agent.web.routing import LoopCalls, Request
 
 STATUS_OF = {
     ErrorCode.BUSY: 429,
@@ -37,6 +40,7 @@ STATUS_OF = {
 }
 """HTTP status of each refusal; every other code is the client's mistake: 400."""
 TIMED_OUT = "timeout"
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -146,6 +150,20 @@ class Generation:
             data = self._calls.call(self._jobs.image(spec))
             pictures.append(Picture(spec, reply, data))
         return pictures
+
+
+def parse_body(model: type[Body], request: Request) -> Body:
+    """Return a request's JSON body as ``model``; a bad body is the API's 400, the field named.
+
+    Raises:
+        ApiError: The body is not JSON, or not what ``model`` accepts.
+    """
+    try:
+        return model.model_validate(json_body(request))
+    except RequestError as exc:
+        raise ApiError.of(exc) from exc
+    except ValidationError as exc:
+        raise ApiError.of(field_error(exc)) from exc
 
 
 def _same(spec: JobSpec) -> JobSpec:

@@ -12,11 +12,10 @@ import base64
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from agent.jobs.requests import RequestError, field_error
-from agent.web.generation import ApiError, Generation, parse_size
-from agent.web.routing import Access, Request, Response, Routes, json_body
+from agent.web.generation import ApiError, Generation, parse_body, parse_size
+from agent.web.routing import Access, Request, Response, Routes
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests"}
 """OpenAI's ``type`` per status; the rest are ``server_error``."""
@@ -136,12 +135,7 @@ class OpenAIApi:
 
     @staticmethod
     def _parse(request: Request) -> ImageRequest:
-        try:
-            body = ImageRequest.model_validate(json_body(request))
-        except RequestError as exc:
-            raise ApiError.of(exc) from exc
-        except ValidationError as exc:
-            raise ApiError.of(field_error(exc)) from exc
+        body = parse_body(ImageRequest, request)
         if body.stream:
             raise ApiError(400, "invalid_request", "streaming is not supported", "stream")
         return body

@@ -85,6 +85,19 @@ CASES = {
         7,
     ),
 }
+JEMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+TCMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
+GLIBC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+LEVERS = {
+    "cj": Case("lever: default settings, jemalloc", JEMALLOC),
+    "ct": Case("lever: default settings, tcmalloc", TCMALLOC),
+    "cg": Case("lever: default settings, glibc never trims", GLIBC_TUNED),
+    "ej": Case("lever: the Pi path, jemalloc", {**PI_PATH, **JEMALLOC}, "float32"),
+    "et": Case("lever: the Pi path, tcmalloc", {**PI_PATH, **TCMALLOC}, "float32"),
+}
+"""Levers compared against c and e in the same interleaved run (allocators: Debian's
+libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
+CASES.update(LEVERS)
 DEFAULT_CASES = "b,c,d,e,e7,e4,i"
 
 
