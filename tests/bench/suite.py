@@ -60,6 +60,8 @@ class Case:
     limit_gib: float | None = None
     plain: bool = False
     """Plain diffusers in a fresh process (pipeline.py), not the agent."""
+    base: str | None = None
+    """For a lever: the case it changes, compared with it round by round."""
 
 
 CASES = {
@@ -89,11 +91,17 @@ JEMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
 TCMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 GLIBC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 LEVERS = {
-    "cj": Case("lever: default settings, jemalloc", JEMALLOC),
-    "ct": Case("lever: default settings, tcmalloc", TCMALLOC),
-    "cg": Case("lever: default settings, glibc never trims", GLIBC_TUNED),
-    "ej": Case("lever: the Pi path, jemalloc", {**PI_PATH, **JEMALLOC}, "float32"),
-    "et": Case("lever: the Pi path, tcmalloc", {**PI_PATH, **TCMALLOC}, "float32"),
+    "cj": Case("lever: default settings, jemalloc", JEMALLOC, base="c"),
+    "ct": Case("lever: default settings, tcmalloc", TCMALLOC, base="c"),
+    "cg": Case("lever: default settings, glibc never trims", GLIBC_TUNED, base="c"),
+    "ej": Case("lever: the Pi path, jemalloc", {**PI_PATH, **JEMALLOC}, "float32", base="e"),
+    "et": Case("lever: the Pi path, tcmalloc", {**PI_PATH, **TCMALLOC}, "float32", base="e"),
+    "eg": Case(
+        "lever: the Pi path, glibc never trims", {**PI_PATH, **GLIBC_TUNED}, "float32", base="e"
+    ),
+    "c1": Case(
+        "lever: default settings, 1 intra-op thread", {"EDGEAI_TORCH_THREADS": "1"}, base="c"
+    ),
 }
 """Levers compared against c and e in the same interleaved run (allocators: Debian's
 libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
@@ -276,7 +284,7 @@ def cell(value: float | None, digits: int = 2) -> str:
 
 
 def print_table(rows: list[dict], rates: list[dict[str, float]]) -> None:
-    """Print the markdown table, the rates and the ratios against plain diffusers."""
+    """Print the machine, its matrix rates and the markdown table."""
     print(f"\nMachine: {machine.describe()}")
     for precision in machine.PRECISIONS:
         values = [rate[precision] for rate in rates]
@@ -306,13 +314,38 @@ def print_table(rows: list[dict], rates: list[dict[str, float]]) -> None:
             f" | {cell(memory.get('peak_gib'))} | {cell(anon)} | {cell(file_backed)}"
             f" | {cell(memory.get('page_ins_gb'))} | {cell(memory.get('restarts'), 0)} |"
         )
-    by_case = {row["case"]: row for row in rows}
-    if "b" in by_case:
-        print()
-        for row in rows:
-            if row["case"] != "b":
-                ratio = by_case["b"]["latency_median_s"] / row["latency_median_s"]
-                print(f"(b)/({row['case']}) = {ratio:.2f}x (medians)")
+
+
+def steady_median(sample: Sample, *, plain: bool) -> float:
+    """Return one round's median latency, leaving out the first job after a start."""
+    return statistics.median(sample.latencies if plain else sample.latencies[1:])
+
+
+def print_paired(chosen: list[str], samples: dict[str, list[Sample]]) -> None:
+    """Print each lever against its base, and each case against plain diffusers, round by round.
+
+    A ratio above 1 means the case is faster. Pairs are taken within a round, so the machine's
+    drift over the run cancels; a lever is worth adopting only when every round agrees.
+    """
+    pairs = [(CASES[case_id].base, case_id) for case_id in chosen if CASES[case_id].base]
+    if "b" in chosen:
+        pairs += [("b", case_id) for case_id in chosen if case_id != "b"]
+    if not pairs:
+        return
+    print("\nPaired, round by round (base median / case median; above 1: the case is faster):")
+    for base, case_id in pairs:
+        if base not in samples:
+            print(f"({case_id}) vs ({base}): run ({base}) in the same run to compare")
+            continue
+        ratios = [
+            steady_median(base_sample, plain=CASES[base].plain)
+            / steady_median(case_sample, plain=CASES[case_id].plain)
+            for base_sample, case_sample in zip(samples[base], samples[case_id], strict=True)
+        ]
+        print(
+            f"({case_id}) vs ({base}): median {statistics.median(ratios):.2f}x,"
+            f" rounds {', '.join(f'{ratio:.2f}' for ratio in ratios)}"
+        )
 
 
 def main() -> None:
@@ -366,6 +399,7 @@ def main() -> None:
             broker.stop()
     rows = [summarize(case_id, CASES[case_id], samples[case_id], flops) for case_id in chosen]
     print_table(rows, rates)
+    print_paired(chosen, samples)
     report = {
         "machine": machine.describe(),
         "flops_gflop": flops,
