@@ -99,9 +99,6 @@ LEVERS = {
     "eg": Case(
         "lever: the Pi path, glibc never trims", {**PI_PATH, **GLIBC_TUNED}, "float32", base="e"
     ),
-    "c1": Case(
-        "lever: default settings, 1 intra-op thread", {"EDGEAI_TORCH_THREADS": "1"}, base="c"
-    ),
 }
 """Levers compared against c and e in the same interleaved run (allocators: Debian's
 libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
