@@ -18,6 +18,7 @@ QoS 1 is at-least-once between broker and subscriber); those are counted apart, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -244,6 +245,8 @@ class FleetReport:
     fleet_messages: int
     """Messages on the fleet topic: the jobs sent plus every pass-back."""
     split: dict[str, int]
+    out_of_order: int
+    """Jobs an agent finished after one that reached the fleet topic later (its last publish)."""
     kills: int
     seconds: float
 
@@ -307,11 +310,21 @@ def run_fleet(*, jobs: int, kills: int, seed: int, timeout: float) -> FleetRepor
             seconds = time.monotonic() - began
             time.sleep(2)  # a duplicate would arrive now
             split: dict[str, int] = defaultdict(int)
+            finished: dict[str, list[str]] = defaultdict(list)  # per agent, in its order
             for message in watcher.seen:
                 parts = message.topic.split("/")
                 if parts[1] != "fleet" and parts[2] == "result":
                     split[parts[1]] += 1
-            fleet_messages = len(counter.messages("edgeai/fleet/generate"))
+                    finished[parts[1]].append(parts[3])
+            published = counter.messages("edgeai/fleet/generate")
+            # Where each job last reached the fleet topic (a pass-back publishes it again).
+            position = {json.loads(message.payload)["id"]: n for n, message in enumerate(published)}
+            out_of_order = sum(
+                1
+                for order in finished.values()
+                for earlier, later in itertools.pairwise(order)
+                if position[later] < position[earlier]
+            )
         finally:
             counter.close()
             watcher.close()
@@ -324,8 +337,9 @@ def run_fleet(*, jobs: int, kills: int, seed: int, timeout: float) -> FleetRepor
         results_received=sum(1 for job_id in ids if results.get(job_id)),
         duplicates=sum(1 for job_id in ids if len(results.get(job_id, ())) > 1),
         lost=sum(1 for job_id in ids if not results.get(job_id)),
-        fleet_messages=fleet_messages,
+        fleet_messages=len(published),
         split=dict(split),
+        out_of_order=out_of_order,
         kills=kills,
         seconds=round(seconds, 1),
     )
@@ -366,9 +380,10 @@ def main() -> None:
             f"fleet topic:        {fleet.fleet_messages} messages, {fleet.republished} republished"
         )
         print(f"split:              {fleet.split}")
+        print(f"out of order:       {fleet.out_of_order} (jobs an agent ran out of arrival order)")
         print(f"kills (kill -9):    {fleet.kills}; {fleet.seconds} s")
         print(json.dumps(fleet.as_dict()))
-        sys.exit(0 if fleet.lost == 0 and fleet.duplicates == 0 else 1)
+        sys.exit(0 if fleet.lost == fleet.duplicates == fleet.out_of_order == 0 else 1)
     report = run(
         jobs=arguments.jobs,
         faults=arguments.faults,

@@ -11,6 +11,7 @@ def test_short_fault_run_loses_nothing_and_duplicates_nothing():
     assert report.faults == {"worker": 2, "agent": 2, "broker": 2}
     assert report.lost == 0
     assert report.duplicates == 0
+    assert report.out_of_order == 0  # each agent runs the jobs it holds in arrival order
     assert report.results_received == report.jobs_sent
     assert report.malformed_sent == 300
 
@@ -20,6 +21,7 @@ def test_a_fleet_loses_nothing_duplicates_nothing_and_does_not_churn_across_a_ki
     print(report.as_dict())
     assert report.lost == 0
     assert report.duplicates == 0
+    assert report.out_of_order == 0  # each agent runs the jobs it holds in arrival order
     assert report.results_received == report.jobs_sent
     assert report.republished <= report.jobs_sent  # at most one pass-back per job on average
     assert sum(report.split.values()) >= report.jobs_sent
