@@ -7,6 +7,7 @@ the matching rate.
 
     .venv/bin/python tests/bench/machine.py --rates     # JSON: GFLOP/s per precision
     .venv/bin/python tests/bench/machine.py --flops     # JSON: GFLOP per stage (cached)
+    .venv/bin/python tests/bench/machine.py --shapes    # the UNet's own matmul shapes' rates
 """
 
 from __future__ import annotations
@@ -52,10 +53,45 @@ def matmul_rates(threads: int = 0) -> dict[str, float]:
     return rates
 
 
+UNET_SHAPES = {
+    "640 ch, 1024 tokens, attention projection": (1024, 640, 640),
+    "640 ch, 1024 tokens, feed-forward in": (1024, 640, 5120),
+    "640 ch, 1024 tokens, feed-forward out": (1024, 2560, 640),
+    "1280 ch, 256 tokens, attention projection": (256, 1280, 1280),
+    "1280 ch, 256 tokens, feed-forward in": (256, 1280, 10240),
+    "1280 ch, 256 tokens, feed-forward out": (256, 5120, 1280),
+}
+"""(M, K, N) of the linear layers that carry most of the UNet's FLOPs at 512x512 (64x64
+latents): the transformer blocks run at 32x32 (640 channels) and 16x16 (1280 channels)."""
+
+
+def shape_rates(repeats: int = 20) -> dict[str, dict[str, float]]:
+    """Return GFLOP/s per precision of the UNet's own matmul shapes, and of 4096^3 for scale."""
+    import torch  # noqa: PLC0415
+
+    shapes = {"4096^3 (the benchmark's reference)": (4096, 4096, 4096), **UNET_SHAPES}
+    rates: dict[str, dict[str, float]] = {}
+    for label, (rows, inner, columns) in shapes.items():
+        rates[label] = {}
+        for name in PRECISIONS:
+            dtype = getattr(torch, name)
+            left = torch.randn(rows, inner, dtype=dtype)
+            right = torch.randn(inner, columns, dtype=dtype)
+            left @ right
+            best = float("inf")
+            for _ in range(repeats if rows * inner * columns < 4096**3 else MATMUL_REPEATS):
+                begun = time.perf_counter()
+                left @ right
+                best = min(best, time.perf_counter() - begun)
+            rates[label][name] = round(2 * rows * inner * columns / best / 1e9, 1)
+    return rates
+
+
 def count_flops(size: int = 512) -> dict[str, float]:
     """Return GFLOP per stage of one SDXL-Turbo image (1 step, guidance 0) on the random model.
 
-    Counted by torch's own FlopCounterMode (matrix multiplies, convolutions, attention) around
+    Counted by torch's own FlopCounterMode (matrix multiplies, convolutions; it has no formula for
+    the CPU flash-attention kernel, about 55 GFLOP more in the UNet at 512x512) around
     each stage of the agent's path, and around the full VAE's decoder for plain diffusers.
     """
     import torch  # noqa: PLC0415
@@ -143,7 +179,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rates", action="store_true")
     parser.add_argument("--flops", action="store_true")
+    parser.add_argument("--shapes", action="store_true")
     arguments = parser.parse_args()
+    if arguments.shapes:
+        rates = shape_rates()
+        reference = next(iter(rates.values()))
+        for label, rate in rates.items():
+            shares = ", ".join(
+                f"{name} {rate[name]:.0f} GFLOP/s ({rate[name] / reference[name]:.0%})"
+                for name in PRECISIONS
+            )
+            print(f"{label}: {shares}")
     if arguments.rates:
         print(json.dumps(matmul_rates()))
     if arguments.flops:

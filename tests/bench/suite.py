@@ -18,6 +18,7 @@ report the cgroup's anonymous and file-backed memory, page-ins, and worker resta
     scripts/bench                                  # the default cases, 5 rounds
     scripts/bench --cases c,e,e7,e4 --rounds 5     # a subset
     scripts/bench --cases list                     # every case
+    scripts/bench --json run.json                  # also save it; --report run.json reprints
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Case:
     plain: bool = False
     """Plain diffusers in a fresh process (pipeline.py), not the agent."""
     base: str | None = None
-    """For a lever: the case it changes, compared with it round by round."""
+    """The case this one changes (a lever, a memory limit), compared with it round by round."""
 
 
 CASES = {
@@ -75,16 +76,20 @@ CASES = {
         "float32",
     ),
     "e": Case("the Pi path: float32 compute, float16 weights", PI_PATH, "float32"),
-    "e7": Case("the Pi path in a 7 GiB cgroup (an 8 GB Pi)", PI_PATH, "float32", 7),
-    "e4": Case("the Pi path in a 4 GiB cgroup (a 4 GB Pi)", PI_PATH, "float32", 4),
+    "e7": Case("the Pi path in a 7 GiB cgroup (an 8 GB Pi)", PI_PATH, "float32", 7, base="e"),
+    "e4": Case("the Pi path in a 4 GiB cgroup (a 4 GB Pi)", PI_PATH, "float32", 4, base="e"),
     "i": Case(
-        "int8 weights, float32 compute", {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"}, "float32"
+        "int8 weights, float32 compute",
+        {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"},
+        "float32",
+        base="e",
     ),
     "i7": Case(
         "int8 weights, float32 compute, in a 7 GiB cgroup",
         {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"},
         "float32",
         7,
+        base="i",
     ),
 }
 JEMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
@@ -280,9 +285,9 @@ def cell(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def print_table(rows: list[dict], rates: list[dict[str, float]]) -> None:
+def print_table(rows: list[dict], rates: list[dict[str, float]], described: str) -> None:
     """Print the machine, its matrix rates and the markdown table."""
-    print(f"\nMachine: {machine.describe()}")
+    print(f"\nMachine: {described}")
     for precision in machine.PRECISIONS:
         values = [rate[precision] for rate in rates]
         print(
@@ -345,6 +350,17 @@ def print_paired(chosen: list[str], samples: dict[str, list[Sample]]) -> None:
         )
 
 
+def print_saved(path: Path) -> None:
+    """Print the table and the paired comparisons of a run saved with ``--json``, again."""
+    report = json.loads(path.read_text())
+    samples = {
+        case_id: [Sample(**sample) for sample in case_samples]
+        for case_id, case_samples in report["samples"].items()
+    }
+    print_table(report["cases"], report["rates"], report["machine"])
+    print_paired(list(samples), samples)
+
+
 def main() -> None:
     """Run the cases round after round, then print the table and the JSON."""
     parser = argparse.ArgumentParser(
@@ -354,7 +370,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=3, help="requests per agent start")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--report", type=Path, help="print the tables of a run saved by --json")
     arguments = parser.parse_args()
+    if arguments.report:
+        print_saved(arguments.report)
+        return
     if arguments.cases == "list":
         for case_id, case in CASES.items():
             print(f"{case_id:4} {case.title}")
@@ -395,10 +415,11 @@ def main() -> None:
         finally:
             broker.stop()
     rows = [summarize(case_id, CASES[case_id], samples[case_id], flops) for case_id in chosen]
-    print_table(rows, rates)
+    described = machine.describe()
+    print_table(rows, rates, described)
     print_paired(chosen, samples)
     report = {
-        "machine": machine.describe(),
+        "machine": described,
         "flops_gflop": flops,
         "rates": rates,
         "cases": rows,
