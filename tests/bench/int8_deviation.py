@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from pipeline import MODEL, PROMPT, build_model  # noqa: E402
+from pipeline import MODEL, PROMPT, build_model, generate_image  # noqa: E402
 
 from agent.model.pipeline import Text2Image  # noqa: E402
 from agent.model.protocol import PipelineOptions  # noqa: E402
@@ -39,17 +39,7 @@ def generate(*, int8: bool) -> tuple[torch.Tensor, np.ndarray]:
     unet.register_forward_hook(
         lambda _module, _inputs, output: captured.append(output[0].float().clone())
     )
-    image, _timings = text2image.generate(
-        prompt=PROMPT,
-        negative_prompt=None,
-        width=512,
-        height=512,
-        steps=1,
-        guidance_scale=0.0,
-        seed=7,
-        on_step=lambda _step, _steps: None,
-        cancelled=lambda: False,
-    )
+    image, _timings = generate_image(text2image, PROMPT, seed=7)
     return captured[0], np.asarray(image, dtype=np.float64)
 
 

@@ -95,7 +95,7 @@ def count_flops(size: int = 512) -> dict[str, float]:
     each stage of the agent's path, and around the full VAE's decoder for plain diffusers.
     """
     import torch  # noqa: PLC0415
-    from pipeline import MODEL, TAESDXL  # noqa: PLC0415
+    from pipeline import MODEL, TAESDXL, generate_image  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
     from agent.model.pipeline import Text2Image  # noqa: PLC0415
@@ -120,17 +120,7 @@ def count_flops(size: int = 512) -> dict[str, float]:
     pipeline.text_encoder_2.forward = counting("text_encoders", pipeline.text_encoder_2.forward)
     pipeline.unet.forward = counting("unet", pipeline.unet.forward)
     pipeline.vae.decode = counting("tiny_decoder", pipeline.vae.decode)
-    model.generate(
-        prompt="count",
-        negative_prompt=None,
-        width=size,
-        height=size,
-        steps=1,
-        guidance_scale=0.0,
-        seed=0,
-        on_step=lambda _step, _steps: None,
-        cancelled=lambda: False,
-    )
+    generate_image(model, "count", size=size)
     from diffusers import AutoencoderKL  # noqa: PLC0415
 
     vae = AutoencoderKL.from_pretrained(MODEL / "vae", torch_dtype=torch.bfloat16)

@@ -32,6 +32,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -132,6 +133,24 @@ def peak_rss_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def generate_image(model: Any, prompt: str, seed: int = 0, size: int = 512) -> tuple[Any, Any]:
+    """Return ``model.generate``'s (image, timings) for one SDXL-Turbo image: 1 step, no guidance.
+
+    ``model`` is the agent's ``Text2Image``, called the way its worker calls it for a job.
+    """
+    return model.generate(
+        prompt=prompt,
+        negative_prompt=None,
+        width=size,
+        height=size,
+        steps=1,
+        guidance_scale=0.0,
+        seed=seed,
+        on_step=lambda _step, _steps: None,
+        cancelled=lambda: False,
+    )
+
+
 def png_seconds(image: object) -> float:
     begun = time.perf_counter()
     image.save(io.BytesIO(), format="PNG")  # type: ignore[attr-defined]
@@ -216,17 +235,7 @@ def run_agent(case: str, repeats: int = REPEATS) -> dict[str, object]:
     runs = []
     for repeat in range(repeats):  # a new prompt each time: the prompt cache stays out of it
         begun = time.perf_counter()
-        image, timings = model.generate(
-            prompt=f"{PROMPT} {repeat}",
-            negative_prompt=None,
-            width=512,
-            height=512,
-            steps=1,
-            guidance_scale=0.0,
-            seed=0,
-            on_step=lambda _step, _steps: None,
-            cancelled=lambda: False,
-        )
+        image, timings = generate_image(model, f"{PROMPT} {repeat}")
         total = time.perf_counter() - begun
         encoding = png_seconds(image)
         runs.append(

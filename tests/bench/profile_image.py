@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 import machine  # noqa: E402
-from pipeline import MODEL, PROMPT, TAESDXL, build_model  # noqa: E402
+from pipeline import MODEL, PROMPT, TAESDXL, build_model, generate_image  # noqa: E402
 
 from agent.model.pipeline import Text2Image  # noqa: E402
 from agent.model.protocol import PipelineOptions  # noqa: E402
@@ -58,17 +58,7 @@ def main() -> None:
     text2image = Text2Image(options)
 
     def generate(index: int) -> dict[str, float]:
-        _image, timings = text2image.generate(
-            prompt=f"{PROMPT}, {index}",
-            negative_prompt=None,
-            width=512,
-            height=512,
-            steps=1,
-            guidance_scale=0.0,
-            seed=index,
-            on_step=lambda _step, _steps: None,
-            cancelled=lambda: False,
-        )
+        _image, timings = generate_image(text2image, f"{PROMPT}, {index}", seed=index)
         return timings.as_dict()
 
     with FlopCounterMode(display=False) as counter:  # the warm-up image, counted
