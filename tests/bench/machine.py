@@ -28,29 +28,34 @@ MATMUL_REPEATS = 5
 PRECISIONS = ("float32", "bfloat16")
 
 
-def matmul_rates(threads: int = 0) -> dict[str, float]:
-    """Return the best GFLOP/s of a 4096^3 matrix multiply per precision, on ``threads`` threads.
+def best_rate(rows: int, inner: int, columns: int, precision: str, repeats: int) -> float:
+    """Return the best GFLOP/s of a (rows x inner) @ (inner x columns) multiply in ``precision``.
 
-    The best of five, after one call that pays for allocations and kernel choice: the rate the
-    CPU can reach, which is what a share of it should be measured against.
+    The best of ``repeats``, after one call that pays for allocations and kernel choice: the
+    rate the CPU can reach, which is what a share of it should be measured against.
     """
+    import torch  # noqa: PLC0415
+
+    dtype = getattr(torch, precision)
+    left = torch.randn(rows, inner, dtype=dtype)
+    right = torch.randn(inner, columns, dtype=dtype)
+    left @ right
+    best = float("inf")
+    for _ in range(repeats):
+        begun = time.perf_counter()
+        left @ right
+        best = min(best, time.perf_counter() - begun)
+    return round(2 * rows * inner * columns / best / 1e9, 1)
+
+
+def matmul_rates(threads: int = 0) -> dict[str, float]:
+    """Return the best GFLOP/s of a 4096^3 matrix multiply per precision, on ``threads`` threads."""
     import torch  # noqa: PLC0415
 
     if threads:
         torch.set_num_threads(threads)
-    rates = {}
-    for name in PRECISIONS:
-        dtype = getattr(torch, name)
-        left = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-        right = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-        left @ right
-        best = float("inf")
-        for _ in range(MATMUL_REPEATS):
-            begun = time.perf_counter()
-            left @ right
-            best = min(best, time.perf_counter() - begun)
-        rates[name] = round(2 * MATMUL_SIZE**3 / best / 1e9, 1)
-    return rates
+    square = (MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE)
+    return {name: best_rate(*square, name, MATMUL_REPEATS) for name in PRECISIONS}
 
 
 UNET_SHAPES = {
@@ -67,23 +72,9 @@ latents): the transformer blocks run at 32x32 (640 channels) and 16x16 (1280 cha
 
 def shape_rates(repeats: int = 20) -> dict[str, dict[str, float]]:
     """Return GFLOP/s per precision of the UNet's own matmul shapes, and of 4096^3 for scale."""
-    import torch  # noqa: PLC0415
-
-    shapes = {"4096^3 (the benchmark's reference)": (4096, 4096, 4096), **UNET_SHAPES}
-    rates: dict[str, dict[str, float]] = {}
-    for label, (rows, inner, columns) in shapes.items():
-        rates[label] = {}
-        for name in PRECISIONS:
-            dtype = getattr(torch, name)
-            left = torch.randn(rows, inner, dtype=dtype)
-            right = torch.randn(inner, columns, dtype=dtype)
-            left @ right
-            best = float("inf")
-            for _ in range(repeats if rows * inner * columns < 4096**3 else MATMUL_REPEATS):
-                begun = time.perf_counter()
-                left @ right
-                best = min(best, time.perf_counter() - begun)
-            rates[label][name] = round(2 * rows * inner * columns / best / 1e9, 1)
+    rates = {"4096^3 (the benchmark's reference)": matmul_rates()}
+    for label, shape in UNET_SHAPES.items():
+        rates[label] = {name: best_rate(*shape, name, repeats) for name in PRECISIONS}
     return rates
 
 
