@@ -261,14 +261,24 @@ def run_case(case: str, repeats: int = REPEATS) -> dict[str, object]:
 
 
 # --- the whole benchmark --------------------------------------------------------------------
-def parse_arguments(description: str | None, cases: str) -> argparse.Namespace:
-    """Parse ``--cases`` (what to run, ``cases`` by default) and the child's hidden ``--case``."""
+def parse_arguments(
+    description: str | None, cases: str, *, rounds: bool = False
+) -> argparse.Namespace:
+    """Parse ``--cases`` (what to run, ``cases`` by default) and the child's hidden ``--case``.
+
+    Args:
+        description: The script's help text.
+        cases: The cases run by default, one letter each.
+        rounds: Also take ``--rounds``: how many times to run every case, interleaved.
+    """
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cases", default=cases)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=REPEATS)
+    if rounds:
+        parser.add_argument("--rounds", type=int, default=1)
     return parser.parse_args()
 
 
