@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from diffusers import AutoPipelineForText2Image
 from safetensors.torch import load_file, save_file
 
 from agent.images import encode_image
+from agent.model.half_probe import _fastest_run, half_compute_speedup
 from agent.model.pages import file_mappings
 from agent.model.pipeline import Text2Image
 from agent.model.precision import (
@@ -30,6 +32,16 @@ def options(tiny_model):
     return PipelineOptions(
         model=str(tiny_model), tiny_vae=str(tiny_model / "taesd"), threads=1, warmup=False
     )
+
+
+@pytest.fixture(scope="module")
+def fp16_model(tiny_model, tmp_path_factory):
+    """The tiny model saved as the hub's fp16 files (``*.fp16.safetensors``), as SDXL-Turbo has."""
+    folder = tmp_path_factory.mktemp("fp16") / "fp16-model"
+    AutoPipelineForText2Image.from_pretrained(tiny_model, dtype=torch.float16).save_pretrained(
+        folder, variant="fp16"
+    )
+    return folder
 
 
 def generate(model: Text2Image, prompt: str = "a red apple", **overrides):
@@ -131,11 +143,8 @@ def test_half_weights_store_in_float16_and_compute_in_float32(options):
     } == {torch.float16}
 
 
-def test_the_fp16_files_are_chosen_and_loaded(options, tiny_model, tmp_path):
-    folder = tmp_path / "fp16-model"
-    AutoPipelineForText2Image.from_pretrained(tiny_model, dtype=torch.float16).save_pretrained(
-        folder, variant="fp16"
-    )
+def test_the_fp16_files_are_chosen_and_loaded(options, tiny_model, fp16_model):
+    folder = fp16_model
     assert list(folder.glob("unet/*.safetensors")) == [
         folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     ]
@@ -163,15 +172,11 @@ def test_only_weights_that_change_precision_leave_the_mapped_checkpoint(options)
     assert model.loaded.copied_bytes > 0
 
 
-def test_half_weights_stay_in_the_mapped_files(options, tmp_path):
+def test_half_weights_stay_in_the_mapped_files(options, fp16_model):
     """The Pi path from float16 files: float16 weights are never copied, the mapping backs them."""
-    folder = tmp_path / "fp16-model"
-    AutoPipelineForText2Image.from_pretrained(options.model, dtype=torch.float16).save_pretrained(
-        folder, variant="fp16"
-    )
     model = Text2Image(
         PipelineOptions(
-            **{**vars(options), "model": str(folder), "dtype": "float32", "half_weights": "on"}
+            **{**vars(options), "model": str(fp16_model), "dtype": "float32", "half_weights": "on"}
         )
     )
     mappings = file_mappings()
@@ -267,9 +272,54 @@ XEON_TORCH = {"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": True}
 def test_bfloat16_only_where_the_cpu_computes_it(architecture, cpuinfo, capabilities, expected):
     assert cpu_has_bf16(architecture, cpuinfo, capabilities) is expected
     bf16_cpu = cpu_has_bf16(architecture, cpuinfo, capabilities)
-    assert choose_dtype("auto", "cpu", bf16_cpu=bf16_cpu) == (
+    # A CPU whose float16 is no faster than float32 (the probe's answer) computes in float32.
+    assert choose_dtype("auto", "cpu", bf16_cpu=bf16_cpu, half_speedup=lambda: 1.0) == (
         torch.bfloat16 if expected else torch.float32
     )
+
+
+def probed() -> float:
+    raise AssertionError("the probe ran where the choice was already made")
+
+
+@pytest.mark.parametrize(
+    ("speedup", "expected"),
+    [
+        pytest.param(2.0, torch.float16, id="float16-twice-as-fast"),
+        pytest.param(1.25, torch.float16, id="float16-just-fast-enough"),
+        pytest.param(1.1, torch.float32, id="float16-within-noise"),
+        pytest.param(0.6, torch.float32, id="float16-converted-only"),
+        pytest.param(0.0, torch.float32, id="no-float16-kernel"),
+    ],
+)
+def test_float16_arithmetic_where_the_probe_finds_it_faster(speedup, expected):
+    assert choose_dtype("auto", "cpu", bf16_cpu=False, half_speedup=lambda: speedup) == expected
+    # bfloat16, a GPU and an explicit setting never pay for the probe.
+    assert choose_dtype("auto", "cpu", bf16_cpu=True, half_speedup=probed) == torch.bfloat16
+    assert choose_dtype("auto", "cuda", half_speedup=probed) == torch.float16
+    assert choose_dtype("float32", "cpu", bf16_cpu=False, half_speedup=probed) == torch.float32
+
+
+def test_a_slow_first_run_is_answer_enough():
+    """A CPU with only a slow fallback float16 kernel must not hold up the worker's start."""
+    runs = []
+
+    def slow() -> None:
+        runs.append(time.sleep(0.05))
+
+    assert _fastest_run(slow, 3, give_up_after=0.01) >= 0.05
+    assert len(runs) == 1  # decided at the first run
+    assert _fastest_run(slow, 3, give_up_after=1.0) >= 0.05
+    assert len(runs) == 1 + 4  # a first run, then three timed ones
+
+
+@pytest.mark.parametrize("upcast", [True, False], ids=["float16-stored", "float32-stored"])
+def test_the_float16_probe_measures_this_cpu_in_seconds(upcast):
+    begun = time.perf_counter()
+    speedup = half_compute_speedup(upcast=upcast)
+    elapsed = time.perf_counter() - begun
+    assert 0.05 < speedup < 20  # both precisions ran and were timed
+    assert elapsed < 5.0  # paid at every worker start (about 1 s on a quiet 2-core Xeon)
 
 
 def test_this_machine_is_read_by_architecture():
@@ -278,6 +328,31 @@ def test_this_machine_is_read_by_architecture():
     assert cpuinfo_features(PI5_CPUINFO, "aarch64") >= {"fp", "asimd", "asimdhp"}
     assert cpuinfo_features(XEON_CPUINFO, "aarch64") is None
     assert "avx512_bf16" in cpuinfo_features(XEON_CPUINFO, "x86_64")
+
+
+def test_float16_compute_runs_on_the_mapped_weights_themselves(options, fp16_model):
+    """float16 arithmetic (a Pi 5 where the probe finds it faster): no copy, no upcast, and
+    nearly the float32 image from the same files."""
+    fields = {**vars(options), "model": str(fp16_model)}
+    full, _ = generate(
+        Text2Image(PipelineOptions(**{**fields, "dtype": "float32", "half_weights": "off"}))
+    )
+    model = Text2Image(PipelineOptions(**{**fields, "dtype": "float16"}))
+    assert model.loaded.dtype == "float16"
+    # Nothing to upcast, and no channels_last copy of the convolution weights.
+    assert not {"half-weights", "channels-last"} & set(model.loaded.levers.split(","))
+    assert model.loaded.mapped_bytes > 0
+    mappings = file_mappings()
+    pipeline = model._pipeline
+    for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2):
+        for weight in component.parameters():
+            assert weight.dtype == torch.float16
+            assert any(low <= weight.data_ptr() < high for low, high in mappings)
+    image, timings = generate(model)
+    assert image.size == (512, 512)
+    assert timings.denoising > 0
+    difference = np.abs(np.asarray(image, "f4") - np.asarray(full, "f4"))
+    assert difference.mean() < 2.0
 
 
 def test_precision_and_memory_choices():

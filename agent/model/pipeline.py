@@ -20,6 +20,7 @@ import transformers
 from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
 from agent.machine.memory import GIB, memory_limit, return_free_memory
+from agent.model.half_probe import half_compute_speedup
 from agent.model.pages import MappedPages
 from agent.model.precision import (
     choose_device,
@@ -129,15 +130,19 @@ class Text2Image:
             torch.set_num_threads(options.threads)
         started = time.perf_counter()
         self.device = choose_device(options.device)
-        self.dtype = choose_dtype(options.dtype, self.device)
         limit = memory_limit()
+        # float16 arithmetic is weighed against the float32 path this machine would take:
+        # float16-stored weights upcast at each use where memory is short.
+        upcast = use_half_weights(options.half_weights, self.device, torch.float32, limit.bytes)
+        self.dtype = choose_dtype(
+            options.dtype,
+            self.device,
+            half_speedup=lambda: half_compute_speedup(upcast=upcast),
+        )
         # int8 storage dequantizes convolutions the way float16 storage upcasts: it implies it.
         half_weights = options.int8_weights or use_half_weights(
             options.half_weights, self.device, self.dtype, limit.bytes
         )
-        # The lean path gives freed memory back after each job, so between jobs the worker holds
-        # its weights' file pages and little else.
-        self._lean = half_weights
         extra: dict[str, Any] = {}
         levers = [dtype_name(self.dtype)]
         if options.tiny_vae:
@@ -159,7 +164,13 @@ class Text2Image:
         if self.device != "cpu":
             # Loading lands on the CPU; moving there again would only warn about float16.
             self._pipeline.to(self.device)
-        arena = UpcastArena(self.dtype, options.channels_last) if half_weights else None
+        # float16 arithmetic on a CPU (a Pi where the probe chose it) computes straight from the
+        # files' own weights: a channels_last copy of the UNet's convolution weights would take
+        # 0.62 GiB of anonymous memory there, so they keep the files' layout.
+        channels_last = options.channels_last and not (
+            self.device == "cpu" and self.dtype == torch.float16
+        )
+        arena = UpcastArena(self.dtype, channels_last) if half_weights else None
         placement = sum(
             (
                 place_weights(
@@ -167,7 +178,7 @@ class Text2Image:
                     self.dtype,
                     arena=arena if name in HALF_STORED_COMPONENTS else None,
                     int8=options.int8_weights,
-                    channels_last=options.channels_last,
+                    channels_last=channels_last,
                 )
                 for name, component in self._pipeline.components.items()
                 if isinstance(component, torch.nn.Module)
@@ -184,12 +195,15 @@ class Text2Image:
             (arena.nbytes if arena is not None else 0) / GIB,
             limit.describe(),
         )
+        # The lean path gives freed memory back after each job, so between jobs the worker holds
+        # its weights' file pages and little else.
+        self._lean = half_weights or placement.mapped > 0
         if options.int8_weights:
             levers.append("int8-weights")
         elif half_weights:
             levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)
-        if options.channels_last:
+        if channels_last:
             levers.append("channels-last")
         self._timings = GenerationTimings()
         self.prompt_cache = PromptCache(self._pipeline.encode_prompt, options.prompt_cache_size)

@@ -8,7 +8,8 @@
 #   sudo tests/arm64/run.sh         (root: debootstrap, binfmt_misc, chroot)
 #
 # EDGEAI_ARM64_ROOT keeps the root between runs (default ~/.cache/edgeai-arm64-root); a second
-# run reuses it, and its virtual environment unless EDGEAI_ARM64_FRESH=1.
+# run reuses it, and its virtual environment unless EDGEAI_ARM64_FRESH=1. EDGEAI_ARM64_DTYPE
+# sets the agent's EDGEAI_DTYPE (default auto: the float16 probe runs, emulated).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # shellcheck source=scripts/lib.sh
@@ -77,13 +78,18 @@ in_root() {
   ' in-root "$root" "$@"
 }
 
+# The broker keeps retained messages across starts: an earlier run's "idle" state must not pass
+# for this agent's.
+as_root rm -rf "$root$app/state/mosquitto/data"
 say "running README's command in the root: scripts/run (installs what is missing, then serves)"
 log=$root$app/arm64-run.log
 in_root sh -c "cd $app && EDGEAI_MODEL=/tiny EDGEAI_TINY_VAE=/tiny/taesd EDGEAI_NODE_ID=pi5 \
   EDGEAI_MQTT_PORT=$mqtt_port EDGEAI_HTTP_PORT=$http_port EDGEAI_WARMUP=false \
-  exec scripts/run" >"$log" 2>&1 &
+  EDGEAI_DTYPE=${EDGEAI_ARM64_DTYPE:-auto} exec scripts/run" >"$log" 2>&1 &
 runner=$!
 cleanup() {
+  # Everything the root runs is an emulated arm64 process; chroot itself has exec'd away.
+  as_root pkill -f "qemu-binfmt/aarch64-binfmt-P" 2>/dev/null || true
   as_root pkill -f "chroot $root" 2>/dev/null || true
   kill "$runner" 2>/dev/null || true
   wait "$runner" 2>/dev/null || true
@@ -122,6 +128,7 @@ say "image received over MQTT in $(($(date +%s) - requested)) s: $described"
 metrics=$(python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$http_port/metrics').read().decode())")
 say "model info: $(grep '^edgeai_model_info' <<<"$metrics")"
 say "dtype chosen: $(grep -o 'dtype="[a-z0-9]*"' <<<"$metrics")"
+say "float16 probe: $(grep -o 'float16 runs the .*' "$log" || echo 'not run (dtype set)')"
 say "torch in the root: $(chroot "$root" "$app/.venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 say "virtual environment: $(du -sh "$root$app/.venv" | cut -f1) ($root$app/.venv)"
 say "done in $(($(date +%s) - began)) s"
