@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from agent.model.upcast import UpcastArena
+from agent.model.weights import channels_last_layout
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -59,14 +62,14 @@ def _operator_seconds(
 
     Times the feed-forward input projection of the UNet's deepest level (256 tokens at 512x512,
     1,280 channels in, 5,120 out) and a 3x3 convolution of its middle level (640 channels on a
-    32x32 map, channels_last as the pipeline runs it). About 11 GFLOP a run: 0.1 s on a
-    2-core Xeon, about 0.3 s on a Raspberry Pi 5 (by its float32 rate; the whole probe, eight
-    runs, about 1 s here and a few seconds there, once per worker start).
+    32x32 map), with the weights lent and laid out as the pipeline does. About 11 GFLOP a run:
+    0.1 s on a 2-core Xeon, about 0.3 s on a Raspberry Pi 5 (by its float32 rate; the whole
+    probe, eight runs, about 1 s here and a few seconds there, once per worker start).
 
     Args:
         dtype: The arithmetic's precision.
-        upcast: Copy each float16 weight into a ``dtype`` buffer before its operator runs, as the
-            float16-stored path does (:class:`agent.model.upcast.UpcastArena`).
+        upcast: Lend each float16 weight upcast from an :class:`UpcastArena` before its operator
+            runs, as the float16-stored path does.
         repeats: Timed runs; the fastest counts.
         give_up_after: Seconds after which a first run of each operator is answer enough.
 
@@ -76,37 +79,47 @@ def _operator_seconds(
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(256, 1280, generator=generator).to(dtype)
     projection = (torch.randn(5120, 1280, generator=generator) / 36).half()
-    feature_map = torch.randn(1, 640, 32, 32, generator=generator).to(dtype)
-    feature_map = feature_map.contiguous(memory_format=torch.channels_last)
     kernel = (torch.randn(640, 640, 3, 3, generator=generator) / 76).half()
-    if upcast:
-        projection_buffer = torch.empty(projection.shape, dtype=dtype)
-        kernel_buffer = torch.empty(kernel.shape, dtype=dtype)
-        kernel_buffer = kernel_buffer.contiguous(memory_format=torch.channels_last)
+    # Laid out as the pipeline lays out this precision with EDGEAI_CHANNELS_LAST at its default.
+    layout = (
+        torch.channels_last
+        if channels_last_layout(requested=True, device="cpu", compute=dtype)
+        else torch.contiguous_format
+    )
+    feature_map = torch.randn(1, 640, 32, 32, generator=generator).to(dtype, memory_format=layout)
+    arena = UpcastArena(dtype, channels_last=layout == torch.channels_last) if upcast else None
+    if arena is not None:
+        arena.reserve(max(projection.numel(), kernel.numel()))
 
-        def projection_weight() -> torch.Tensor:
-            return projection_buffer.copy_(projection)
+    def with_weight(
+        operator: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """Return ``operator`` run as the pipeline runs it: on a lent upcast, or its own copy."""
+        if arena is None:
+            held = weight.to(
+                dtype, memory_format=layout if weight.dim() == 4 else torch.preserve_format
+            )
+            return lambda: operator(held)
 
-        def kernel_weight() -> torch.Tensor:
-            return kernel_buffer.copy_(kernel)
-    else:
-        projection = projection.to(dtype)
-        kernel = kernel.to(dtype)
+        def upcast_and_run() -> torch.Tensor:
+            lent, _in_buffer = arena.lend(weight)
+            try:
+                return operator(lent)
+            finally:
+                arena.give_back()
 
-        def projection_weight() -> torch.Tensor:
-            return projection
-
-        def kernel_weight() -> torch.Tensor:
-            return kernel
+        return upcast_and_run
 
     with torch.inference_mode():
         linear = _fastest_run(
-            lambda: torch.nn.functional.linear(tokens, projection_weight()),
+            with_weight(lambda weight: torch.nn.functional.linear(tokens, weight), projection),
             repeats,
             give_up_after[0],
         )
         convolution = _fastest_run(
-            lambda: torch.nn.functional.conv2d(feature_map, kernel_weight(), padding=1),
+            with_weight(
+                lambda weight: torch.nn.functional.conv2d(feature_map, weight, padding=1), kernel
+            ),
             repeats,
             give_up_after[1],
         )

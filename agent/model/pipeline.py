@@ -32,7 +32,7 @@ from agent.model.precision import (
 )
 from agent.model.protocol import PipelineOptions, Ready
 from agent.model.upcast import UpcastArena
-from agent.model.weights import Placement, place_weights
+from agent.model.weights import Placement, channels_last_layout, place_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -164,12 +164,7 @@ class Text2Image:
         if self.device != "cpu":
             # Loading lands on the CPU; moving there again would only warn about float16.
             self._pipeline.to(self.device)
-        # float16 arithmetic on a CPU (a Pi where the probe chose it) computes straight from the
-        # files' own weights: a channels_last copy of the UNet's convolution weights would take
-        # 0.62 GiB of anonymous memory there, so they keep the files' layout.
-        channels_last = options.channels_last and not (
-            self.device == "cpu" and self.dtype == torch.float16
-        )
+        channels_last = channels_last_layout(options.channels_last, self.device, self.dtype)
         arena = UpcastArena(self.dtype, channels_last) if half_weights else None
         placement = sum(
             (

@@ -42,6 +42,21 @@ _HALF = "_edgeai_half"
 _INT8 = "_edgeai_int8"
 
 
+def channels_last_layout(requested: bool, device: str, compute: torch.dtype) -> bool:
+    """Return whether convolution weights (and so the activations) take the channels_last layout.
+
+    As requested, except for float16 arithmetic on a CPU (a Pi where the probe chose it): it
+    computes straight from the files' own weights, and a channels_last copy of the UNet's
+    convolution weights would take 0.62 GiB of anonymous memory there.
+
+    Args:
+        requested: The ``channels_last`` setting.
+        device: ``cpu`` or ``cuda``.
+        compute: The precision the model computes in.
+    """
+    return requested and not (device == "cpu" and compute == torch.float16)
+
+
 def _upcast_output(compute: torch.dtype) -> Callable[[torch.nn.Module, object, Any], Any]:
     """Return a forward hook that hands a float16 lookup on in ``compute``."""
 
