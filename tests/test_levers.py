@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from agent.images import encode_image
 from agent.model.half_probe import _fastest_run, half_compute_speedup
+from agent.model.packed import PackedConv2d, PackedLinear, pack_weights
 from agent.model.pages import file_mappings
 from agent.model.pipeline import Text2Image
 from agent.model.precision import (
@@ -21,6 +22,7 @@ from agent.model.precision import (
     cpu_has_bf16,
     cpuinfo_features,
     machine_architecture,
+    packs_weights,
     use_half_weights,
 )
 from agent.model.protocol import PipelineOptions
@@ -391,3 +393,77 @@ def test_int8_weights_store_int8_and_stay_close_to_float32(options):
         for layer in pipeline.unet.modules()
         if isinstance(layer, torch.nn.Conv2d)
     } == {torch.int8}
+
+
+bfloat16_by_onednn = pytest.mark.skipif(
+    not packs_weights(True, "cpu", torch.bfloat16, held_in_compute=True),
+    reason="packing is for x86-64 CPUs where oneDNN computes bfloat16",
+)
+
+
+@bfloat16_by_onednn
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_packed_layers_compute_what_torch_computes(layout):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(320, 1280).to(torch.bfloat16)
+    no_bias = torch.nn.Linear(320, 640, bias=False).to(torch.bfloat16)
+    convolution = torch.nn.Conv2d(64, 128, 3, stride=2, padding=1).to(torch.bfloat16)
+    tokens = torch.randn(2, 77, 320, dtype=torch.bfloat16)
+    pixels = torch.randn(1, 64, 32, 48, dtype=torch.bfloat16).to(memory_format=layout)
+    with torch.inference_mode():
+        expected = [linear(tokens), linear(tokens[0]), no_bias(tokens), convolution(pixels)]
+        model = torch.nn.ModuleList([linear, no_bias, convolution])
+        assert settle_weights(model, torch.bfloat16).copied == 0
+        assert pack_weights(model) == 3
+        assert isinstance(linear, PackedLinear)
+        assert isinstance(convolution, PackedConv2d)
+        assert linear.weight.is_mkldnn
+        assert convolution.weight.is_mkldnn
+        assert not linear.bias.is_mkldnn  # biases stay dense parameters
+        got = [linear(tokens), linear(tokens[0]), no_bias(tokens), convolution(pixels)]
+    for want, have in zip(expected, got, strict=True):
+        assert have.shape == want.shape
+        assert have.dtype == torch.bfloat16
+        # The same oneDNN kernels, summing in another order: bfloat16's last bit at most.
+        scale = want.float().abs().max()
+        assert (have.float() - want.float()).abs().max() <= scale / 64
+
+
+def test_weights_are_packed_only_where_measured_faster():
+    assert not packs_weights(False, "cpu", torch.bfloat16, held_in_compute=True)
+    assert not packs_weights(True, "cuda", torch.bfloat16, held_in_compute=True)
+    assert not packs_weights(True, "cpu", torch.float32, held_in_compute=True)
+    assert not packs_weights(True, "cpu", torch.float16, held_in_compute=True)
+    # float16- or int8-stored weights are upcast at each call: nothing lasting to pack.
+    assert not packs_weights(True, "cpu", torch.bfloat16, held_in_compute=False)
+
+
+@bfloat16_by_onednn
+def test_packed_weights_make_the_same_image_with_one_copy_of_the_weights(options):
+    bfloat16 = {**vars(options), "dtype": "bfloat16"}
+    plain = Text2Image(PipelineOptions(**{**bfloat16, "packed_weights": False}))
+    assert "packed-weights" not in plain.loaded.levers
+    model = Text2Image(PipelineOptions(**bfloat16))
+    assert "packed-weights" in model.loaded.levers
+    pipeline = model._pipeline
+    for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.vae):
+        layers = [
+            layer
+            for layer in component.modules()
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))
+        ]
+        assert layers
+        for layer in layers:
+            assert isinstance(layer, (PackedLinear, PackedConv2d)), layer
+            assert layer.weight.is_mkldnn
+            assert "weight" not in layer._parameters  # the packed copy is the only one
+        # A model reports its precision from its parameters: still bfloat16.
+        assert component.dtype == torch.bfloat16
+    first, _ = generate(plain)
+    image, timings = generate(model)
+    assert image.size == (512, 512)
+    assert timings.denoising > 0
+    difference = np.abs(np.asarray(image, "f4") - np.asarray(first, "f4"))
+    assert difference.mean() < 2.0
+    second, _ = generate(model, width=256, height=384)  # another size, the same packed weights
+    assert second.size == (256, 384)

@@ -60,8 +60,8 @@ class MappedPages:
 
     def mapping_of(self, tensor: torch.Tensor) -> tuple[int, int] | None:
         """Return the mapped file range that holds ``tensor``'s bytes, if one does."""
-        if tensor.device.type != "cpu":
-            return None
+        if tensor.device.type != "cpu" or tensor.is_mkldnn:
+            return None  # a packed oneDNN tensor has no storage of torch's: never a file
         start = tensor.data_ptr()
         end = start + tensor.nbytes
         return next(

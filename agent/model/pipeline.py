@@ -28,6 +28,7 @@ from agent.model.precision import (
     choose_variant,
     dtype_name,
     load_dtype,
+    packs_weights,
     use_half_weights,
 )
 from agent.model.protocol import PipelineOptions, Ready
@@ -166,6 +167,9 @@ class Text2Image:
             self._pipeline.to(self.device)
         channels_last = channels_last_layout(options.channels_last, self.device, self.dtype)
         arena = UpcastArena(self.dtype, channels_last) if half_weights else None
+        pack = packs_weights(
+            options.packed_weights, self.device, self.dtype, held_in_compute=not half_weights
+        )
         placement = sum(
             (
                 place_weights(
@@ -174,6 +178,7 @@ class Text2Image:
                     arena=arena if name in HALF_STORED_COMPONENTS else None,
                     int8=options.int8_weights,
                     channels_last=channels_last,
+                    pack=pack,
                 )
                 for name, component in self._pipeline.components.items()
                 if isinstance(component, torch.nn.Module)
@@ -182,12 +187,14 @@ class Text2Image:
         )
         log.info(
             "weights placed: %.2f GiB left in the mapped files, %.2f GiB copied (%s), "
-            "%.2f GiB of mapped pages handed back; upcast buffer %.2f GiB; memory limit %s",
+            "%.2f GiB of mapped pages handed back; upcast buffer %.2f GiB; %d layers packed "
+            "for oneDNN; memory limit %s",
             placement.mapped / GIB,
             placement.copied / GIB,
             "converted precision or layout",
             placement.released / GIB,
             (arena.nbytes if arena is not None else 0) / GIB,
+            placement.packed_layers,
             limit.describe(),
         )
         # The lean path gives freed memory back after each job, so between jobs the worker holds
@@ -200,6 +207,8 @@ class Text2Image:
         self._pipeline.set_progress_bar_config(disable=True)
         if channels_last:
             levers.append("channels-last")
+        if placement.packed_layers:
+            levers.append("packed-weights")
         self._timings = GenerationTimings()
         self.prompt_cache = PromptCache(self._pipeline.encode_prompt, options.prompt_cache_size)
 

@@ -27,6 +27,7 @@ class PipelineOptions:
     half_weights: str = "auto"
     int8_weights: bool = False
     channels_last: bool = True
+    packed_weights: bool = True
     warmup: bool = True
     prompt_cache_size: int = 16
 
@@ -43,6 +44,7 @@ class PipelineOptions:
             half_weights=settings.half_weights,
             int8_weights=settings.int8_weights,
             channels_last=settings.channels_last,
+            packed_weights=settings.packed_weights,
             warmup=settings.warmup,
             prompt_cache_size=settings.prompt_cache_size,
         )

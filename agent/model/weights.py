@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from agent.model.packed import pack_weights
 from agent.model.pages import MappedPages
 from agent.model.upcast import INT8_SCALE, UpcastArena, UpcastOnUse
 
@@ -183,11 +184,16 @@ class Placement:
     """Converted to another precision: the process's own (anonymous) memory."""
     released: int = 0
     """Mapped checkpoint pages handed back to the kernel after their tensor was converted."""
+    packed_layers: int = 0
+    """Layers whose weight was reordered into oneDNN's layout (:func:`pack_weights`)."""
 
     def __add__(self, other: Placement) -> Placement:
         """Return the sum of two placements (the pipeline's components together)."""
         return Placement(
-            self.mapped + other.mapped, self.copied + other.copied, self.released + other.released
+            self.mapped + other.mapped,
+            self.copied + other.copied,
+            self.released + other.released,
+            self.packed_layers + other.packed_layers,
         )
 
 
@@ -243,13 +249,14 @@ def settle_weights(
     return placement
 
 
-def place_weights(
+def place_weights(  # noqa: PLR0913 - one argument per lever that places weights
     module: torch.nn.Module,
     compute: torch.dtype,
     *,
     arena: UpcastArena | None,
     channels_last: bool,
     int8: bool = False,
+    pack: bool = False,
 ) -> Placement:
     """Put a model's weights in their final precision and layout, copying only what changes.
 
@@ -261,6 +268,8 @@ def place_weights(
         channels_last: Lay convolution weights out as channels_last.
         int8: With an arena, quantize linear and convolution weights to int8
             (:func:`store_in_int8`).
+        pack: Then reorder linear and convolution weights into oneDNN's layout
+            (:func:`agent.model.packed.pack_weights`).
 
     Returns:
         Where the weights ended up.
@@ -272,4 +281,6 @@ def place_weights(
         store_in_half(module, arena)
     placement = settle_weights(module, compute, channels_last=channels_last)
     placement.copied += quantized
+    if pack:
+        placement.packed_layers = pack_weights(module)
     return placement

@@ -57,6 +57,12 @@ class ModelSettings(BaseModel):
         "float16 arithmetic on a CPU, where the weights are used from the model's files as they "
         "lie).",
     )
+    packed_weights: bool = Field(
+        default=True,
+        description="Reorder linear and convolution weights once at load into the layout the "
+        "CPU's matrix library (oneDNN) computes with, instead of at every call: bfloat16 on an "
+        "x86-64 CPU, weights held in the compute precision (not with half or int8 weights).",
+    )
     warmup: bool = Field(
         default=True, description="Generate one small image at load so the first job is fast."
     )

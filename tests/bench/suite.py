@@ -96,6 +96,12 @@ JEMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
 TCMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 GLIBC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 LEVERS = {
+    # The default path without one of its own levers: below 1 against (c), the lever pays.
+    "cu": Case(
+        "lever off: default settings, weights not packed for oneDNN",
+        {"EDGEAI_PACKED_WEIGHTS": "false"},
+        base="c",
+    ),
     "cj": Case("lever: default settings, jemalloc", JEMALLOC, base="c"),
     "ct": Case("lever: default settings, tcmalloc", TCMALLOC, base="c"),
     "cg": Case("lever: default settings, glibc never trims", GLIBC_TUNED, base="c"),
@@ -116,7 +122,7 @@ LEVERS = {
 """Levers compared against c and e in the same interleaved run (allocators: Debian's
 libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
 CASES.update(LEVERS)
-DEFAULT_CASES = "b,c,d,e,e7,e4,i"
+DEFAULT_CASES = "b,c,cu,d,e,e7,e4,i"
 
 
 @dataclasses.dataclass
