@@ -2,8 +2,9 @@
 
 Only the worker process imports this module, so only the worker imports torch. The levers
 (each a setting, each measured by ``tests/bench/pipeline.py``): a tiny decoder (TAESDXL) instead
-of the full VAE, bfloat16 where the CPU computes it natively, channels_last, half-precision weight
-storage where memory is short, a warm-up at load, and a prompt-embedding cache.
+of the full VAE, bfloat16 where the CPU computes it natively, channels_last, weights packed once
+for oneDNN, half-precision weight storage where memory is short, a warm-up at load, and a
+prompt-embedding cache.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import transformers
 from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
-from agent.machine.memory import GIB, memory_limit, return_free_memory
+from agent.machine.memory import GIB, MemoryLimit, memory_limit, return_free_memory
 from agent.model.half_probe import half_compute_speedup
 from agent.model.pages import MappedPages
 from agent.model.precision import (
@@ -43,9 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WARMUP_SIZE = 256
-HALF_STORED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-"""The parts whose weights may stay in float16 (97% of SDXL's). The decoder computes in float32
-throughout: TAESDXL is tiny, and diffusers upcasts a float16 full VAE to float32 anyway."""
+WEIGHT_HEAVY_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+"""The parts that hold 97% of SDXL's weights: only theirs may stay in float16, and only theirs
+are packed for oneDNN. The decoder computes in float32 throughout (TAESDXL is tiny, and diffusers
+upcasts a float16 full VAE to float32 anyway), and unpacked: TAESDXL's 64-channel convolutions
+over a whole image ran slower packed (decode 0.48 against 0.37 s, README's Performance)."""
 
 
 class JobCancelledError(Exception):
@@ -166,36 +169,8 @@ class Text2Image:
             # Loading lands on the CPU; moving there again would only warn about float16.
             self._pipeline.to(self.device)
         channels_last = channels_last_layout(options.channels_last, self.device, self.dtype)
-        arena = UpcastArena(self.dtype, channels_last) if half_weights else None
-        pack = packs_weights(
-            options.packed_weights, self.device, self.dtype, held_in_compute=not half_weights
-        )
-        placement = sum(
-            (
-                place_weights(
-                    component,
-                    self.dtype,
-                    arena=arena if name in HALF_STORED_COMPONENTS else None,
-                    int8=options.int8_weights,
-                    channels_last=channels_last,
-                    pack=pack,
-                )
-                for name, component in self._pipeline.components.items()
-                if isinstance(component, torch.nn.Module)
-            ),
-            Placement(),
-        )
-        log.info(
-            "weights placed: %.2f GiB left in the mapped files, %.2f GiB copied (%s), "
-            "%.2f GiB of mapped pages handed back; upcast buffer %.2f GiB; %d layers packed "
-            "for oneDNN; memory limit %s",
-            placement.mapped / GIB,
-            placement.copied / GIB,
-            "converted precision or layout",
-            placement.released / GIB,
-            (arena.nbytes if arena is not None else 0) / GIB,
-            placement.packed_layers,
-            limit.describe(),
+        placement = self._place_weights(
+            options, half_weights=half_weights, channels_last=channels_last, limit=limit
         )
         # The lean path gives freed memory back after each job, so between jobs the worker holds
         # its weights' file pages and little else.
@@ -247,6 +222,52 @@ class Text2Image:
             mapped_bytes=placement.mapped,
             copied_bytes=placement.copied,
         )
+
+    def _place_weights(
+        self,
+        options: PipelineOptions,
+        *,
+        half_weights: bool,
+        channels_last: bool,
+        limit: MemoryLimit,
+    ) -> Placement:
+        """Give every component's weights their precision, storage and layout; log where."""
+        arena = UpcastArena(self.dtype, channels_last) if half_weights else None
+        pack = packs_weights(
+            options.packed_weights, self.device, self.dtype, held_in_compute=not half_weights
+        )
+        placement = sum(
+            (
+                place_weights(
+                    component,
+                    self.dtype,
+                    arena=arena if name in WEIGHT_HEAVY_COMPONENTS else None,
+                    int8=options.int8_weights,
+                    channels_last=channels_last,
+                    pack=pack and name in WEIGHT_HEAVY_COMPONENTS,
+                )
+                for name, component in self._pipeline.components.items()
+                if isinstance(component, torch.nn.Module)
+            ),
+            Placement(),
+        )
+        if placement.packed_layers:
+            # Each plain weight freed after its packed copy was made leaves a hole in glibc's
+            # heap that the next, as large, does not fit: 0.5-0.8 GiB held until handed back.
+            return_free_memory()
+        log.info(
+            "weights placed: %.2f GiB left in the mapped files, %.2f GiB copied (%s), "
+            "%.2f GiB of mapped pages handed back; upcast buffer %.2f GiB; %d layers packed "
+            "for oneDNN; memory limit %s",
+            placement.mapped / GIB,
+            placement.copied / GIB,
+            "converted precision or layout",
+            placement.released / GIB,
+            (arena.nbytes if arena is not None else 0) / GIB,
+            placement.packed_layers,
+            limit.describe(),
+        )
+        return placement
 
     def _warm_up(self) -> float:
         """Run one small generation: the first call pays for allocations and kernel choices."""

@@ -92,8 +92,15 @@ def count_flops(size: int = 512) -> dict[str, float]:
     from agent.model.pipeline import Text2Image  # noqa: PLC0415
     from agent.model.protocol import PipelineOptions  # noqa: PLC0415
 
+    # Unpacked: FlopCounterMode counts torch's own operators, not oneDNN's packed ones.
     model = Text2Image(
-        PipelineOptions(model=str(MODEL), tiny_vae=str(TAESDXL), dtype="bfloat16", warmup=False)
+        PipelineOptions(
+            model=str(MODEL),
+            tiny_vae=str(TAESDXL),
+            dtype="bfloat16",
+            packed_weights=False,
+            warmup=False,
+        )
     )
     pipeline = model._pipeline
     counted: dict[str, float] = {}
