@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import torch
 
+from agent.machine.memory import return_free_memory
+
 _LINEAR = torch.ops.mkldnn._linear_pointwise  # noqa: SLF001 - see below
 _CONVOLUTION = torch.ops.mkldnn._convolution_pointwise  # noqa: SLF001
 _REORDER_LINEAR = torch.ops.mkldnn._reorder_linear_weight  # noqa: SLF001
 _REORDER_CONVOLUTION = torch.ops.mkldnn._reorder_convolution_weight  # noqa: SLF001
 # oneDNN's operators on packed weights have no public name: they are the ones torch's compiler
 # calls for a frozen model, in every CPU build of torch.
+
+
+HAND_BACK_BYTES = 128 * 2**20
+"""Plain weights freed between two hand-backs of the heap while packing."""
 
 
 class PackedLinear(torch.nn.Linear):  # type: ignore[misc] # torch is untyped here
@@ -84,18 +90,27 @@ def pack_weights(module: torch.nn.Module) -> int:
     Each packed weight replaces the plain one as a buffer of the same name (an opaque oneDNN
     tensor: no parameter, so models still report their precision from their other parameters),
     and the layer becomes :class:`PackedLinear` or :class:`PackedConv2d`, which call oneDNN with
-    it. One layer at a time: the peak is the model plus one weight.
+    it. One layer at a time, handing the freed plain weights back to the kernel as it goes:
+    each leaves a hole in glibc's heap that the next packed copy, allocated before its own plain
+    weight is freed, does not fill (0.5-0.8 GiB of SDXL's UNet held otherwise, and a load peak
+    0.65 GiB above the unpacked one).
 
     Returns:
         The number of layers packed.
     """
     packed = 0
+    freed = 0
     for layer in module.modules():
         weight = _packed_weight(layer)
         if weight is None:
             continue
+        freed += layer.weight.nbytes
         del layer._parameters["weight"]  # noqa: SLF001 - replaced by its packed form
         layer.register_buffer("weight", weight)
         layer.__class__ = PackedLinear if isinstance(layer, torch.nn.Linear) else PackedConv2d
         packed += 1
+        if freed >= HAND_BACK_BYTES:
+            return_free_memory()
+            freed = 0
+    return_free_memory()
     return packed

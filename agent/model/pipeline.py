@@ -251,10 +251,6 @@ class Text2Image:
             ),
             Placement(),
         )
-        if placement.packed_layers:
-            # Each plain weight freed after its packed copy was made leaves a hole in glibc's
-            # heap that the next, as large, does not fit: 0.5-0.8 GiB held until handed back.
-            return_free_memory()
         log.info(
             "weights placed: %.2f GiB left in the mapped files, %.2f GiB copied (%s), "
             "%.2f GiB of mapped pages handed back; upcast buffer %.2f GiB; %d layers packed "

@@ -12,13 +12,14 @@ matching matrix rate of this CPU measured in the same process.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -34,9 +35,27 @@ OPERATOR_OF = {
     "aten.addmm": "aten::addmm",
     "aten.mm": "aten::mm",
     "aten.convolution": "aten::mkldnn_convolution",
+    "mkldnn._linear_pointwise": "mkldnn::_linear_pointwise",
+    "mkldnn._convolution_pointwise": "mkldnn::_convolution_pointwise",
 }
 """The operator FlopCounterMode counts, and the one that does its work in the profile (it has no
 formula for the CPU flash-attention kernel: about 55 GFLOP of the UNet at 512x512)."""
+
+
+@register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+def packed_linear_flops(
+    x_shape: list[int], *_args: object, out_shape: list[int], **_kw: object
+) -> int:
+    """A packed linear layer (agent/model/packed.py): a multiply and an add per weight, per row."""
+    return 2 * math.prod(out_shape) * x_shape[-1]
+
+
+@register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+def packed_convolution_flops(
+    _x_shape: list[int], w_shape: list[int], *_args: object, out_shape: list[int], **_kw: object
+) -> int:
+    """A packed convolution: a multiply and an add per weight of a filter, per output value."""
+    return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
 
 
 def main() -> None:
