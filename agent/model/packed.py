@@ -2,11 +2,11 @@
 
 torch's CPU linear and convolution take their weights in the plain layout, and oneDNN reorders
 each weight into its own blocked layout at every call: for the UNet's deepest layers (256 tokens
-against a 1280 x 10240 weight) that copy costs as much as a fifth of the multiply. Reordered once
-at load, the weight replaces the plain one (no second copy in memory) and each call goes straight
-to oneDNN with it: the path torch's own compiler takes when it freezes a model, without the
-compile. Measured on SDXL-Turbo's architecture in bfloat16 (``tests/bench/packed_weights.py``):
-see README's Performance section.
+against a 1280 x 10240 weight) that copy takes about a quarter of the call. Reordered once at
+load, the weight replaces the plain one (no second copy in memory) and each call goes straight to
+oneDNN with it: the path torch's own compiler takes when it freezes a model, without the compile.
+Measured on SDXL-Turbo's architecture in bfloat16 (``scripts/bench --cases c,cu``, per layer
+``tests/bench/machine.py --shapes``): see README's Performance section.
 
 Where to pack is for :func:`agent.model.precision.packs_weights` to say: in bfloat16, where the
 weights are the process's own copies anyway (converted from the float16 files). float16- and
@@ -28,7 +28,7 @@ _CONVOLUTION = torch.ops.mkldnn._convolution_pointwise  # noqa: SLF001
 _REORDER_LINEAR = torch.ops.mkldnn._reorder_linear_weight  # noqa: SLF001
 _REORDER_CONVOLUTION = torch.ops.mkldnn._reorder_convolution_weight  # noqa: SLF001
 # oneDNN's operators on packed weights have no public name: they are the ones torch's compiler
-# calls for a frozen model, in every CPU build of torch.
+# calls for a frozen model on a CPU.
 
 
 HAND_BACK_BYTES = 128 * 2**20
