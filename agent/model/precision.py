@@ -170,9 +170,10 @@ def use_half_weights(setting: str, device: str, dtype: torch.dtype, memory_limit
 
 
 PACKED_DTYPES = (torch.bfloat16,)
-"""Precisions whose layers are packed: measured faster in bfloat16 (1.2-2.2x per linear layer).
-In float32 torch hands linear layers to MKL, not oneDNN, and packing gained nothing beyond the
-noise."""
+"""Precisions whose layers are packed: bfloat16, 1.2x faster for the whole image (README's
+Performance). In float32 torch hands linear layers to MKL, not oneDNN: per layer, packing gained
+0-37% on linear shapes and lost on some convolutions, and the image-level comparison is not made
+yet, so float32 is left as it is."""
 
 
 def packs_weights(
