@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoPipelineForText2Image
+from diffusers import AutoencoderTiny, AutoPipelineForText2Image
+from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 from safetensors.torch import load_file, save_file
 
 from agent.images import encode_image
+from agent.model.fused import ReluConv2d, ResidualReluTinyBlock, fuse_relu_convolutions
 from agent.model.half_probe import _fastest_run, half_compute_speedup
 from agent.model.packed import PackedConv2d, PackedLinear, pack_weights
 from agent.model.pages import file_mappings
@@ -21,6 +23,7 @@ from agent.model.precision import (
     choose_variant,
     cpu_has_bf16,
     cpuinfo_features,
+    fuses_decoder,
     machine_architecture,
     packs_weights,
     use_half_weights,
@@ -469,3 +472,80 @@ def test_packed_weights_make_the_same_image_with_one_copy_of_the_weights(options
     assert difference.mean() < 2.0
     second, _ = generate(model, width=256, height=384)  # another size, the same packed weights
     assert second.size == (256, 384)
+
+
+FUSING_DTYPES = [
+    pytest.param(
+        dtype,
+        marks=pytest.mark.skipif(
+            not fuses_decoder(True, "cpu", dtype, channels_last=True),
+            reason="fused only on x86-64 CPUs where oneDNN computes this precision",
+        ),
+    )
+    for dtype in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("dtype", FUSING_DTYPES)
+@pytest.mark.parametrize("latents_layout", [torch.contiguous_format, torch.channels_last])
+def test_the_fused_decoder_decodes_what_torch_decodes(dtype, latents_layout):
+    torch.manual_seed(0)
+    plain = AutoencoderTiny(
+        decoder_block_out_channels=(16, 16, 16, 16), num_decoder_blocks=(1, 2, 1, 1)
+    ).to(dtype, memory_format=torch.channels_last)
+    fused = AutoencoderTiny(
+        decoder_block_out_channels=(16, 16, 16, 16), num_decoder_blocks=(1, 2, 1, 1)
+    ).to(dtype, memory_format=torch.channels_last)
+    fused.load_state_dict(plain.state_dict())
+    blocks = sum(isinstance(layer, AutoencoderTinyBlock) for layer in plain.modules())
+    # Each block's two Conv+ReLU pairs and its last convolution (encoder and decoder alike),
+    # and the decoder's first convolution, followed by a ReLU.
+    assert fuse_relu_convolutions(fused) == 3 * blocks + 1
+    layers = list(fused.decoder.layers)
+    assert isinstance(layers[0], ReluConv2d)
+    assert isinstance(layers[1], torch.nn.Identity)
+    assert sum(isinstance(layer, ResidualReluTinyBlock) for layer in layers) == 5
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # same names, same weights
+    # A block whose skip is a 1x1 convolution (channels change) fuses as well.
+    block = AutoencoderTinyBlock(8, 16, "relu").to(dtype, memory_format=torch.channels_last)
+    # The weights' layout decides the convolutions' layout, whatever the latents' is.
+    pixels = torch.randn(1, 8, 24, 40, dtype=dtype).to(memory_format=latents_layout)
+    latents = torch.randn(1, 4, 16, 24, dtype=dtype).to(memory_format=latents_layout)
+    with torch.inference_mode():
+        expected = [plain.decode(latents).sample, block(pixels)]
+        assert fuse_relu_convolutions(block) == 3
+        got = [fused.decode(latents).sample, block(pixels)]
+    for want, have in zip(expected, got, strict=True):
+        assert have.shape == want.shape
+        assert have.dtype == dtype
+        # The same oneDNN convolutions; bfloat16 rounds the sum once instead of twice.
+        scale = want.float().abs().max()
+        tolerance = scale / 64 if dtype == torch.bfloat16 else scale * 1e-5
+        assert (have.float() - want.float()).abs().max() <= tolerance
+
+
+def test_the_decoder_is_fused_only_where_measured_faster():
+    assert not fuses_decoder(False, "cpu", torch.float32, channels_last=True)
+    assert not fuses_decoder(True, "cuda", torch.float32, channels_last=True)
+    assert not fuses_decoder(True, "cpu", torch.float16, channels_last=True)
+    # oneDNN adds a residual only in channels_last; torch's fallback has no bfloat16.
+    assert not fuses_decoder(True, "cpu", torch.float32, channels_last=False)
+    assert not fuses_decoder(True, "cpu", torch.bfloat16, channels_last=False)
+    if machine_architecture() != "x86_64":
+        assert not fuses_decoder(True, "cpu", torch.float32, channels_last=True)
+
+
+def test_the_pipeline_decodes_with_the_fused_decoder(options):
+    plain = Text2Image(PipelineOptions(**{**vars(options), "fused_decoder": False}))
+    model = Text2Image(options)
+    assert "fused-decoder" not in plain.loaded.levers
+    fused = fuses_decoder(True, "cpu", model.dtype, channels_last=True)
+    assert ("fused-decoder" in model.loaded.levers) == fused
+    decoder = model._pipeline.vae.decoder
+    blocks = [layer for layer in decoder.modules() if isinstance(layer, AutoencoderTinyBlock)]
+    assert blocks
+    assert all(isinstance(block, ResidualReluTinyBlock) == fused for block in blocks)
+    first, _ = generate(plain)
+    image, _ = generate(model)
+    difference = np.abs(np.asarray(image, "f4") - np.asarray(first, "f4"))
+    assert difference.mean() < 1.0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -163,7 +164,16 @@ def test_the_page_generates_shows_and_downloads_an_image(shared_agent, tmp_path)
         prompt.send_keys("a lighthouse at dusk")
         driver.find_element(By.ID, "generate").click()
         wait = WebDriverWait(driver, 90)
-        wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
+        try:
+            wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
+        except TimeoutException:
+            # What the page showed instead, and what the agent knew of its jobs.
+            shown = {
+                name: driver.find_element(By.ID, name).text
+                for name in ("error", "progress-text", "gallery")
+            }
+            jobs = call(shared_agent, "GET", "/api/images")
+            pytest.fail(f"no result shown in 90 s: page {shown}, agent's images {jobs}")
         image = driver.find_element(By.ID, "result-image")
         wait.until(
             lambda d: d.execute_script(

@@ -24,7 +24,7 @@ import torch
 from agent.machine.memory import return_free_memory
 
 _LINEAR = torch.ops.mkldnn._linear_pointwise  # noqa: SLF001 - see below
-_CONVOLUTION = torch.ops.mkldnn._convolution_pointwise  # noqa: SLF001
+CONVOLUTION_POINTWISE = torch.ops.mkldnn._convolution_pointwise  # noqa: SLF001
 _REORDER_LINEAR = torch.ops.mkldnn._reorder_linear_weight  # noqa: SLF001
 _REORDER_CONVOLUTION = torch.ops.mkldnn._reorder_convolution_weight  # noqa: SLF001
 # oneDNN's operators on packed weights have no public name: they are the ones torch's compiler
@@ -48,7 +48,7 @@ class PackedConv2d(torch.nn.Conv2d):  # type: ignore[misc] # torch is untyped he
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's own name
         """Convolve with the packed weight, adding the bias in the same call."""
-        return _CONVOLUTION(
+        return CONVOLUTION_POINTWISE(
             input,
             self.weight,
             self.bias,
@@ -62,6 +62,19 @@ class PackedConv2d(torch.nn.Conv2d):  # type: ignore[misc] # torch is untyped he
         )
 
 
+def plain_convolution(layer: torch.nn.Module) -> bool:
+    """Return whether ``layer`` is torch's own 2-d convolution, as oneDNN's operators take it.
+
+    Exactly torch's class (a subclass may compute differently in its own forward), zero padding
+    given in pixels (not ``"same"``).
+    """
+    return (
+        type(layer) is torch.nn.Conv2d
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    )
+
+
 def _packed_weight(layer: torch.nn.Module) -> torch.Tensor | None:
     """Return ``layer``'s weight in oneDNN's layout, or None for a layer that is not packed.
 
@@ -69,11 +82,7 @@ def _packed_weight(layer: torch.nn.Module) -> torch.Tensor | None:
     """
     if type(layer) is torch.nn.Linear:
         return _REORDER_LINEAR(layer.weight.detach())
-    if (
-        type(layer) is torch.nn.Conv2d
-        and layer.padding_mode == "zeros"
-        and not isinstance(layer.padding, str)
-    ):
+    if plain_convolution(layer):
         return _REORDER_CONVOLUTION(
             layer.weight.detach(),
             list(layer.padding),

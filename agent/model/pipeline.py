@@ -3,8 +3,8 @@
 Only the worker process imports this module, so only the worker imports torch. The levers
 (each a setting, each measured by ``tests/bench/pipeline.py``): a tiny decoder (TAESDXL) instead
 of the full VAE, bfloat16 where the CPU computes it natively, channels_last, weights packed once
-for oneDNN, half-precision weight storage where memory is short, a warm-up at load, and a
-prompt-embedding cache.
+for oneDNN, the tiny decoder's activations computed inside its convolutions, half-precision
+weight storage where memory is short, a warm-up at load, and a prompt-embedding cache.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import transformers
 from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
 from agent.machine.memory import GIB, MemoryLimit, memory_limit, return_free_memory
+from agent.model.fused import fuse_relu_convolutions
 from agent.model.half_probe import half_compute_speedup
 from agent.model.pages import MappedPages
 from agent.model.precision import (
@@ -28,6 +29,7 @@ from agent.model.precision import (
     choose_dtype,
     choose_variant,
     dtype_name,
+    fuses_decoder,
     load_dtype,
     packs_weights,
     use_half_weights,
@@ -46,9 +48,11 @@ log = logging.getLogger(__name__)
 WARMUP_SIZE = 256
 WEIGHT_HEAVY_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 """The parts that hold 97% of SDXL's weights: only theirs may stay in float16, and only theirs
-are packed for oneDNN. The decoder computes in float32 throughout (TAESDXL is tiny, and diffusers
-upcasts a float16 full VAE to float32 anyway), and unpacked: TAESDXL's 64-channel convolutions
-over a whole image ran slower packed (decode 0.48 against 0.37 s, README's Performance)."""
+are packed for oneDNN. The decoder holds its weights in the compute precision (TAESDXL is tiny,
+and diffusers upcasts a float16 full VAE to float32 anyway), unpacked: TAESDXL's 64-channel
+convolutions over a whole image ran slower packed (decode 0.48 against 0.37 s, README's
+Performance); its ReLUs and residual sums run inside its convolutions instead
+(:mod:`agent.model.fused`)."""
 
 
 class JobCancelledError(Exception):
@@ -180,10 +184,12 @@ class Text2Image:
         elif half_weights:
             levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)
-        if channels_last:
-            levers.append("channels-last")
-        if placement.packed_layers:
-            levers.append("packed-weights")
+        layout_levers = {
+            "channels-last": channels_last,
+            "packed-weights": placement.packed_layers > 0,
+            "fused-decoder": self._fuse_decoder(options, channels_last=channels_last),
+        }
+        levers.extend(name for name, applied in layout_levers.items() if applied)
         self._timings = GenerationTimings()
         self.prompt_cache = PromptCache(self._pipeline.encode_prompt, options.prompt_cache_size)
 
@@ -264,6 +270,20 @@ class Text2Image:
             limit.describe(),
         )
         return placement
+
+    def _fuse_decoder(self, options: PipelineOptions, *, channels_last: bool) -> bool:
+        """Fold the tiny decoder's ReLUs and residual sums into its convolutions where it pays.
+
+        Returns:
+            Whether any were folded.
+        """
+        return bool(
+            options.tiny_vae
+            and fuses_decoder(
+                options.fused_decoder, self.device, self.dtype, channels_last=channels_last
+            )
+            and fuse_relu_convolutions(self._pipeline.vae)
+        )
 
     def _warm_up(self) -> float:
         """Run one small generation: the first call pays for allocations and kernel choices."""

@@ -202,6 +202,40 @@ def packs_weights(
     )
 
 
+FUSED_DTYPES = (torch.bfloat16, torch.float32)
+"""Precisions whose tiny decoder computes its ReLUs and residual sums inside its convolutions:
+both measured faster that way (README's Performance). float16 arithmetic, a Pi's lever, is not
+measured on a CPU where oneDNN computes it."""
+
+
+def fuses_decoder(setting: bool, device: str, compute: torch.dtype, *, channels_last: bool) -> bool:
+    """Return whether TAESD's ReLUs and residual sums run inside its convolutions (oneDNN).
+
+    On x86-64 only, where it was measured (oneDNN on Arm goes through another library, whose
+    support for these fusions is not measured), in bfloat16 only where oneDNN computes it, and
+    with channels_last weights: oneDNN adds a residual only in that layout, and torch's fallback
+    for the other has no bfloat16.
+
+    Args:
+        setting: The ``fused_decoder`` setting.
+        device: ``cpu`` or ``cuda``.
+        compute: The precision the decoder computes in.
+        channels_last: Whether convolution weights take the channels_last layout
+            (:func:`agent.model.weights.channels_last_layout`).
+    """
+    return (
+        setting
+        and channels_last
+        and device == "cpu"
+        and compute in FUSED_DTYPES
+        and machine_architecture() == "x86_64"
+        and torch.backends.mkldnn.is_available()
+        and (
+            compute != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # noqa: SLF001 - no public name
+        )
+    )
+
+
 def choose_variant(setting: str, model: str) -> str | None:
     """Return the weight files to load: ``auto`` takes the fp16 files where the model has them.
 

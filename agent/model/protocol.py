@@ -28,6 +28,7 @@ class PipelineOptions:
     int8_weights: bool = False
     channels_last: bool = True
     packed_weights: bool = True
+    fused_decoder: bool = True
     warmup: bool = True
     prompt_cache_size: int = 16
 
@@ -45,6 +46,7 @@ class PipelineOptions:
             int8_weights=settings.int8_weights,
             channels_last=settings.channels_last,
             packed_weights=settings.packed_weights,
+            fused_decoder=settings.fused_decoder,
             warmup=settings.warmup,
             prompt_cache_size=settings.prompt_cache_size,
         )

@@ -102,6 +102,17 @@ LEVERS = {
         {"EDGEAI_PACKED_WEIGHTS": "false"},
         base="c",
     ),
+    "cf": Case(
+        "lever off: default settings, the decoder's ReLUs and sums not fused",
+        {"EDGEAI_FUSED_DECODER": "false"},
+        base="c",
+    ),
+    "ef": Case(
+        "lever off: the Pi path, the decoder's ReLUs and sums not fused",
+        {**PI_PATH, "EDGEAI_FUSED_DECODER": "false"},
+        "float32",
+        base="e",
+    ),
     "cj": Case("lever: default settings, jemalloc", JEMALLOC, base="c"),
     "ct": Case("lever: default settings, tcmalloc", TCMALLOC, base="c"),
     "cg": Case("lever: default settings, glibc never trims", GLIBC_TUNED, base="c"),
