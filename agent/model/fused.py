@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 
-from agent.model.packed import CONVOLUTION_POINTWISE, plain_convolution
+from agent.model.packed import CONVOLUTION_POINTWISE, convolve, plain_convolution
 
 
 class ReluConv2d(torch.nn.Conv2d):  # type: ignore[misc] # torch is untyped here
@@ -25,18 +25,7 @@ class ReluConv2d(torch.nn.Conv2d):  # type: ignore[misc] # torch is untyped here
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's own name
         """Convolve, add the bias and apply ReLU in one pass."""
-        return CONVOLUTION_POINTWISE(
-            input,
-            self.weight,
-            self.bias,
-            list(self.padding),
-            list(self.stride),
-            list(self.dilation),
-            self.groups,
-            "relu",
-            [],
-            "",
-        )
+        return convolve(self, input, "relu")
 
 
 class ResidualReluTinyBlock(AutoencoderTinyBlock):  # type: ignore[misc] # diffusers is untyped

@@ -48,18 +48,29 @@ class PackedConv2d(torch.nn.Conv2d):  # type: ignore[misc] # torch is untyped he
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's own name
         """Convolve with the packed weight, adding the bias in the same call."""
-        return CONVOLUTION_POINTWISE(
-            input,
-            self.weight,
-            self.bias,
-            list(self.padding),
-            list(self.stride),
-            list(self.dilation),
-            self.groups,
-            "none",
-            [],
-            "",
-        )
+        return convolve(self, input, "none")
+
+
+def convolve(layer: torch.nn.Conv2d, pixels: torch.Tensor, activation: str) -> torch.Tensor:
+    """Run ``layer``'s convolution through oneDNN, ``activation`` applied as it writes its output.
+
+    Args:
+        layer: The convolution: its weight (plain or packed), bias and geometry.
+        pixels: Its input.
+        activation: oneDNN's name of an activation (``relu``), or ``none``.
+    """
+    return CONVOLUTION_POINTWISE(
+        pixels,
+        layer.weight,
+        layer.bias,
+        list(layer.padding),
+        list(layer.stride),
+        list(layer.dilation),
+        layer.groups,
+        activation,
+        [],
+        "",
+    )
 
 
 def plain_convolution(layer: torch.nn.Module) -> bool:

@@ -133,7 +133,7 @@ LEVERS = {
 """Levers compared against c and e in the same interleaved run (allocators: Debian's
 libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
 CASES.update(LEVERS)
-DEFAULT_CASES = "b,c,cu,d,e,e7,e4,i"
+DEFAULT_CASES = "b,c,cu,cf,d,e,e7,e4,i"
 
 
 @dataclasses.dataclass
