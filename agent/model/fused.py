@@ -1,6 +1,6 @@
 """The tiny decoder's activations and residual sums computed inside its convolutions.
 
-TAESDXL decodes with 3x3 convolutions over the whole image, each followed by a ReLU, and each of
+TAESDXL decodes with 3x3 convolutions over the whole image, most followed by a ReLU, and each of
 its blocks ends with a residual sum and one more ReLU. Run as torch runs them, each ReLU and each
 sum is a separate pass over a 64-channel image (at 512x512 in bfloat16: 32 MiB read and written
 per pass): 16% and 5% of the decode on the machine README's Performance section names. oneDNN

@@ -184,10 +184,11 @@ class Text2Image:
         elif half_weights:
             levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)
+        fused = self._fuse_decoder(options, channels_last=channels_last)
         layout_levers = {
             "channels-last": channels_last,
             "packed-weights": placement.packed_layers > 0,
-            "fused-decoder": self._fuse_decoder(options, channels_last=channels_last),
+            "fused-decoder": fused,
         }
         levers.extend(name for name, applied in layout_levers.items() if applied)
         self._timings = GenerationTimings()

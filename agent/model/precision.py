@@ -204,8 +204,8 @@ def packs_weights(
 
 FUSED_DTYPES = (torch.bfloat16, torch.float32)
 """Precisions whose tiny decoder computes its ReLUs and residual sums inside its convolutions:
-both measured faster that way (README's Performance). float16 arithmetic, a Pi's lever, is not
-measured on a CPU where oneDNN computes it."""
+both decode faster that way (README's Performance). float16 arithmetic (a Pi's lever) is left
+as it is: not measured."""
 
 
 def fuses_decoder(setting: bool, device: str, compute: torch.dtype, *, channels_last: bool) -> bool:
