@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
-
-CACHE = Path(os.environ.get("EDGEAI_BENCH_CACHE", Path.home() / ".cache" / "edgeai-bench"))
-SIZE = 512
+sys.path.insert(0, str(HERE))
+from pipeline import MODEL, TAESDXL, generate_image  # noqa: E402 - shared with the main benchmark
 
 
 def main() -> None:
@@ -40,14 +38,12 @@ def main() -> None:
     from agent.settings import Settings  # noqa: PLC0415
 
     defaults = PipelineOptions.from_settings(Settings(node_id="bench"))
-    options = PipelineOptions(
-        **{
-            **vars(defaults),
-            "model": str(CACHE / "sdxl-turbo-random"),
-            "tiny_vae": str(CACHE / "taesdxl-random"),
-            "dtype": arguments.dtype,
-            "half_weights": arguments.half_weights,
-        }
+    options = dataclasses.replace(
+        defaults,
+        model=str(MODEL),
+        tiny_vae=str(TAESDXL),
+        dtype=arguments.dtype,
+        half_weights=arguments.half_weights,
     )
     model = Text2Image(options)
     print(f"levers: {model.loaded.levers}")
@@ -59,18 +55,9 @@ def main() -> None:
     for round_number in range(arguments.rounds):
         order = list(backends.items())
         for name, backend in order if round_number % 2 == 0 else reversed(order):
+            prompt = f"a lighthouse, round {round_number}, {name}"
             with backend():
-                _, timings = model.generate(
-                    prompt=f"a lighthouse at dusk, round {round_number}, {name}",
-                    negative_prompt=None,
-                    width=SIZE,
-                    height=SIZE,
-                    steps=1,
-                    guidance_scale=0.0,
-                    seed=round_number,
-                    on_step=lambda _step, _steps: None,
-                    cancelled=lambda: False,
-                )
+                _, timings = generate_image(model, prompt, seed=round_number)
             denoising[name].append(timings.denoising)
     for name, seconds in denoising.items():
         print(f"{name}: denoise median {statistics.median(seconds):.2f} s (min {min(seconds):.2f})")
