@@ -439,6 +439,12 @@ def test_weights_are_packed_only_where_measured_faster():
     assert not packs_weights(True, "cpu", torch.float16, held_in_compute=True)
     # float16- or int8-stored weights are upcast at each call: nothing lasting to pack.
     assert not packs_weights(True, "cpu", torch.bfloat16, held_in_compute=False)
+    onednn_bfloat16 = (
+        machine_architecture() == "x86_64"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    assert packs_weights(True, "cpu", torch.bfloat16, held_in_compute=True) == onednn_bfloat16
 
 
 @bfloat16_by_onednn
@@ -531,8 +537,9 @@ def test_the_decoder_is_fused_only_where_measured_faster():
     # oneDNN adds a residual only in channels_last; torch's fallback has no bfloat16.
     assert not fuses_decoder(True, "cpu", torch.float32, channels_last=False)
     assert not fuses_decoder(True, "cpu", torch.bfloat16, channels_last=False)
-    if machine_architecture() != "x86_64":
-        assert not fuses_decoder(True, "cpu", torch.float32, channels_last=True)
+    onednn_here = machine_architecture() == "x86_64" and torch.backends.mkldnn.is_available()
+    # Where oneDNN computes float32 on x86-64, the default settings fuse.
+    assert fuses_decoder(True, "cpu", torch.float32, channels_last=True) == onednn_here
 
 
 def test_the_pipeline_decodes_with_the_fused_decoder(options):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 
-from agent.model.packed import CONVOLUTION_POINTWISE, convolve, plain_convolution
+from agent.model.packed import convolve, plain_convolution
 
 
 class ReluConv2d(torch.nn.Conv2d):  # type: ignore[misc] # torch is untyped here
@@ -37,21 +37,7 @@ class ResidualReluTinyBlock(AutoencoderTinyBlock):  # type: ignore[misc] # diffu
         hidden = x
         for layer in body:
             hidden = layer(hidden)
-        return CONVOLUTION_POINTWISE.binary(
-            hidden,
-            self.skip(x),
-            last.weight,
-            last.bias,
-            list(last.padding),
-            list(last.stride),
-            list(last.dilation),
-            last.groups,
-            "add",
-            None,
-            "relu",
-            [],
-            "",
-        )
+        return convolve(last, hidden, "relu", residual=self.skip(x))
 
 
 def _fuses_its_block(block: torch.nn.Module) -> bool:

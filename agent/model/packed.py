@@ -24,7 +24,7 @@ import torch
 from agent.machine.memory import return_free_memory
 
 _LINEAR = torch.ops.mkldnn._linear_pointwise  # noqa: SLF001 - see below
-CONVOLUTION_POINTWISE = torch.ops.mkldnn._convolution_pointwise  # noqa: SLF001
+_CONVOLUTION = torch.ops.mkldnn._convolution_pointwise  # noqa: SLF001
 _REORDER_LINEAR = torch.ops.mkldnn._reorder_linear_weight  # noqa: SLF001
 _REORDER_CONVOLUTION = torch.ops.mkldnn._reorder_convolution_weight  # noqa: SLF001
 # oneDNN's operators on packed weights have no public name: they are the ones torch's compiler
@@ -51,25 +51,25 @@ class PackedConv2d(torch.nn.Conv2d):  # type: ignore[misc] # torch is untyped he
         return convolve(self, input, "none")
 
 
-def convolve(layer: torch.nn.Conv2d, pixels: torch.Tensor, activation: str) -> torch.Tensor:
-    """Run ``layer``'s convolution through oneDNN, ``activation`` applied as it writes its output.
+def convolve(
+    layer: torch.nn.Conv2d,
+    pixels: torch.Tensor,
+    activation: str,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run ``layer``'s convolution through oneDNN, finishing its output as it writes it.
 
     Args:
         layer: The convolution: its weight (plain or packed), bias and geometry.
         pixels: Its input.
         activation: oneDNN's name of an activation (``relu``), or ``none``.
+        residual: A tensor of the output's shape to add before the activation, or None.
     """
-    return CONVOLUTION_POINTWISE(
-        pixels,
-        layer.weight,
-        layer.bias,
-        list(layer.padding),
-        list(layer.stride),
-        list(layer.dilation),
-        layer.groups,
-        activation,
-        [],
-        "",
+    geometry = (list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups)
+    if residual is None:
+        return _CONVOLUTION(pixels, layer.weight, layer.bias, *geometry, activation, [], "")
+    return _CONVOLUTION.binary(
+        pixels, residual, layer.weight, layer.bias, *geometry, "add", None, activation, [], ""
     )
 
 

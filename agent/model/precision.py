@@ -194,12 +194,26 @@ def packs_weights(
     """
     return (
         setting
-        and device == "cpu"
         and held_in_compute
         and compute in PACKED_DTYPES
+        and _onednn_computes(device, compute)
+    )
+
+
+def _onednn_computes(device: str, compute: torch.dtype) -> bool:
+    """Return whether oneDNN runs this CPU's layers in ``compute``, on x86-64 (where measured).
+
+    bfloat16 only where oneDNN has kernels for it: a CPU without them could be asked for
+    bfloat16 by the ``dtype`` setting. oneDNN on Arm goes through another library, whose
+    operators on packed or fused layers were not measured.
+    """
+    return (
+        device == "cpu"
         and machine_architecture() == "x86_64"
         and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # noqa: SLF001 - no public name
+        and (
+            compute != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # noqa: SLF001 - no public name
+        )
     )
 
 
@@ -225,15 +239,7 @@ def fuses_decoder(setting: bool, device: str, compute: torch.dtype, *, channels_
             (:func:`agent.model.weights.channels_last_layout`).
     """
     return (
-        setting
-        and channels_last
-        and device == "cpu"
-        and compute in FUSED_DTYPES
-        and machine_architecture() == "x86_64"
-        and torch.backends.mkldnn.is_available()
-        and (
-            compute != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # noqa: SLF001 - no public name
-        )
+        setting and channels_last and compute in FUSED_DTYPES and _onednn_computes(device, compute)
     )
 
 
