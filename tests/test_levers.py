@@ -29,6 +29,7 @@ from agent.model.precision import (
     use_half_weights,
 )
 from agent.model.protocol import PipelineOptions
+from agent.model.warmup import warmup_size
 from agent.model.weights import HALF_STORED_LAYERS, settle_weights
 
 
@@ -250,6 +251,50 @@ def test_warm_up_runs_once_at_load(options):
     assert model.prompt_cache.hits == 0
     generate(model, "warm-up")  # the warm-up's own prompt is cached: proof it ran, once
     assert model.prompt_cache.hits == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "default_size", "device", "dtype", "expected"),
+    [
+        ("auto", (512, 512), "cpu", torch.bfloat16, (512, 512)),
+        ("auto", (768, 512), "cuda", torch.float16, (768, 512)),
+        ("auto", (512, 512), "cpu", torch.float32, (256, 256)),  # a Pi: an image is slow
+        ("auto", (512, 512), "cpu", torch.float16, (256, 256)),
+        ("on", (512, 512), "cpu", torch.float32, (512, 512)),
+        ("off", (512, 384), "cpu", torch.bfloat16, (256, 256)),
+        ("off", (128, 384), "cpu", torch.bfloat16, (128, 256)),  # never above the default
+    ],
+)
+def test_the_warm_up_is_at_the_default_size_where_images_are_fast(
+    setting, default_size, device, dtype, expected
+):
+    assert warmup_size(setting, default_size, device, dtype) == expected
+
+
+def onednn_primitives_built(model: Text2Image, capfd, size: int) -> int:
+    """Return how many oneDNN primitives one image at ``size`` built (cache misses)."""
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        generate(model, "a new prompt", width=size, height=size)
+    return capfd.readouterr().out.count(",create:cache_miss,")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_after_a_warm_up_at_the_default_size_the_first_job_builds_no_kernels(options, capfd):
+    # oneDNN's primitive cache is the process's: each model here gets a size no other test uses.
+    loading = {**vars(options), "warmup": True}
+    small = Text2Image(
+        PipelineOptions(**{**loading, "warmup_at_default_size": "off", "default_size": (336, 336)})
+    )
+    assert small.loaded.warmup_size == (256, 256)
+    assert onednn_primitives_built(small, capfd, 336) > 0  # what a warm-up at 336 would save
+    assert onednn_primitives_built(small, capfd, 336) == 0  # and only once
+
+    warmed = Text2Image(
+        PipelineOptions(**{**loading, "warmup_at_default_size": "on", "default_size": (352, 352)})
+    )
+    assert warmed.loaded.warmup_size == (352, 352)
+    assert onednn_primitives_built(warmed, capfd, 352) == 0
 
 
 DATA = Path(__file__).parent / "data"

@@ -36,6 +36,7 @@ from agent.model.precision import (
 )
 from agent.model.protocol import PipelineOptions, Ready
 from agent.model.upcast import UpcastArena
+from agent.model.warmup import warmup_size
 from agent.model.weights import Placement, channels_last_layout, place_weights
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WARMUP_SIZE = 256
 WEIGHT_HEAVY_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 """The parts that hold 97% of SDXL's weights: only theirs may stay in float16, and only theirs
 are packed for oneDNN. The decoder holds its weights in the compute precision (TAESDXL is tiny,
@@ -217,7 +217,14 @@ class Text2Image:
         # The pipeline calls self.encode_prompt, so an instance attribute wraps it in place.
         self._pipeline.encode_prompt = timed_encode_prompt
         load_seconds = time.perf_counter() - started
-        warmup_seconds = self._warm_up() if options.warmup else 0.0
+        warmed_size = (
+            warmup_size(
+                options.warmup_at_default_size, options.default_size, self.device, self.dtype
+            )
+            if options.warmup
+            else None
+        )
+        warmup_seconds = self._warm_up(*warmed_size) if warmed_size else 0.0
         self.loaded = Ready(
             model=options.model,
             device=self.device,
@@ -228,6 +235,7 @@ class Text2Image:
             levers=",".join(levers),
             mapped_bytes=placement.mapped,
             copied_bytes=placement.copied,
+            warmup_size=warmed_size,
         )
 
     def _place_weights(
@@ -286,14 +294,14 @@ class Text2Image:
             and fuse_relu_convolutions(self._pipeline.vae)
         )
 
-    def _warm_up(self) -> float:
-        """Run one small generation: the first call pays for allocations and kernel choices."""
+    def _warm_up(self, width: int, height: int) -> float:
+        """Run one generation: the first call pays for allocations and kernel choices."""
         begun = time.perf_counter()
         self.generate(
             prompt="warm-up",
             negative_prompt=None,
-            width=WARMUP_SIZE,
-            height=WARMUP_SIZE,
+            width=width,
+            height=height,
             steps=1,
             guidance_scale=0.0,
             seed=0,

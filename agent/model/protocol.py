@@ -30,6 +30,9 @@ class PipelineOptions:
     packed_weights: bool = True
     fused_decoder: bool = True
     warmup: bool = True
+    warmup_at_default_size: str = "auto"
+    default_size: tuple[int, int] = (512, 512)
+    """The width and height of a request that names none."""
     prompt_cache_size: int = 16
 
     @classmethod
@@ -48,6 +51,8 @@ class PipelineOptions:
             packed_weights=settings.packed_weights,
             fused_decoder=settings.fused_decoder,
             warmup=settings.warmup,
+            warmup_at_default_size=settings.warmup_at_default_size,
+            default_size=(settings.default_width, settings.default_height),
             prompt_cache_size=settings.prompt_cache_size,
         )
 
@@ -96,6 +101,8 @@ class Ready:
     """Weights left in the mapped checkpoint files (file-backed, the kernel may drop them)."""
     copied_bytes: int
     """Weights converted into the worker's own memory (float32 norms and embeddings, say)."""
+    warmup_size: tuple[int, int] | None = None
+    """The width and height of the warm-up image; None where there was no warm-up."""
 
 
 @dataclass(frozen=True)

@@ -65,12 +65,13 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         return
     connection.send(model.loaded)
     log.info(
-        "model %s loaded on %s (%s) in %.1f s, warm-up %.1f s",
+        "model %s loaded on %s (%s) in %.1f s, warm-up %.1f s at %s",
         config.pipeline.model,
         model.device,
         model.loaded.levers,
         model.loaded.load_seconds,
         model.loaded.warmup_seconds,
+        "x".join(map(str, model.loaded.warmup_size or ())) or "none",
     )
     while True:
         try:

@@ -70,7 +70,14 @@ class ModelSettings(BaseModel):
         "the image: on an x86-64 CPU, in bfloat16 or float32, with channels_last.",
     )
     warmup: bool = Field(
-        default=True, description="Generate one small image at load so the first job is fast."
+        default=True, description="Generate one image at load so the first job is fast."
+    )
+    warmup_at_default_size: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Warm up at the default width and height instead of 256x256, so the first "
+        "job finds the matrix library's kernels for its size already built; auto: on where "
+        "images are fast (cuda, or bfloat16 on a CPU), off where one costs many seconds at "
+        "every start (float32 or float16 on a CPU, as on a Raspberry Pi).",
     )
     prompt_cache_size: int = Field(
         default=16,

@@ -102,6 +102,11 @@ LEVERS = {
         {"EDGEAI_PACKED_WEIGHTS": "false"},
         base="c",
     ),
+    "cw": Case(
+        "lever off: default settings, the warm-up at 256x256, not the default size",
+        {"EDGEAI_WARMUP_AT_DEFAULT_SIZE": "off"},
+        base="c",
+    ),
     "cf": Case(
         "lever off: default settings, the decoder's ReLUs and sums not fused",
         {"EDGEAI_FUSED_DECODER": "false"},
@@ -133,7 +138,7 @@ LEVERS = {
 """Levers compared against c and e in the same interleaved run (allocators: Debian's
 libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
 CASES.update(LEVERS)
-DEFAULT_CASES = "b,c,cu,cf,d,e,e7,e4,i"
+DEFAULT_CASES = "b,c,cu,cf,cw,d,e,e7,e4,i"
 
 
 @dataclasses.dataclass
@@ -147,6 +152,8 @@ class Sample:
     """Median seconds per stage, as the results report them."""
     memory: dict[str, float] = dataclasses.field(default_factory=dict)
     load_s: float = 0.0
+    job_stages: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    """Each job's seconds per stage, as its result reports them: where a first job's time goes."""
 
 
 def evict_model_files() -> None:
@@ -221,7 +228,7 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
             stage: statistics.median(timings[f"{stage}_s"] for timings in results)
             for stage in ("text_encoding", "denoising", "decoding", "encoding")
         }
-        return Sample({}, latencies, stages, memory, load_s)
+        return Sample({}, latencies, stages, memory, load_s, results)
     finally:
         client.close()
         agent.stop()
