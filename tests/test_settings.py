@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.model.protocol import PipelineOptions
 from agent.settings import Settings, SettingsError, load_settings
 
 
@@ -66,12 +67,26 @@ def test_password_from_a_file(clean_env, tmp_path):
         ("EDGEAI_DEVICE", "tpu", "device (EDGEAI_DEVICE)"),
         ("EDGEAI_NODE_ID", "Bad Name!", "node_id (EDGEAI_NODE_ID)"),
         ("EDGEAI_MAX_QUEEU", "3", "EDGEAI_MAX_QUEEU"),
+        (
+            "EDGEAI_WARMUP_AT_DEFAULT_SIZE",
+            "sometimes",
+            "warmup_at_default_size (EDGEAI_WARMUP_AT_DEFAULT_SIZE)",
+        ),
     ],
 )
 def test_a_wrong_setting_is_named(clean_env, variable, value, named):
     clean_env.setenv(variable, value)
     with pytest.raises(SettingsError, match=named.replace("(", r"\(").replace(")", r"\)")):
         load_settings()
+
+
+def test_the_worker_warms_up_at_the_default_size_the_environment_sets(clean_env):
+    clean_env.setenv("EDGEAI_DEFAULT_WIDTH", "640")
+    clean_env.setenv("EDGEAI_DEFAULT_HEIGHT", "384")
+    clean_env.setenv("EDGEAI_WARMUP_AT_DEFAULT_SIZE", "on")
+    options = PipelineOptions.from_settings(load_settings())
+    assert options.default_size == (640, 384)
+    assert options.warmup_at_default_size == "on"
 
 
 def test_unknown_key_in_the_file_is_refused(clean_env, tmp_path):
