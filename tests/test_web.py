@@ -173,7 +173,11 @@ def test_the_page_generates_shows_and_downloads_an_image(shared_agent, tmp_path)
                 for name in ("error", "progress-text", "gallery")
             }
             jobs = call(shared_agent, "GET", "/api/images")
-            pytest.fail(f"no result shown in 90 s: page {shown}, agent's images {jobs}")
+            health = shared_agent.http_get("/healthz")[2]
+            pytest.fail(
+                f"no result shown in 90 s: page {shown}, agent's images {jobs}, health {health!r}"
+                f"\nagent's log:\n{shared_agent.log()[-6000:]}"
+            )
         image = driver.find_element(By.ID, "result-image")
         wait.until(
             lambda d: d.execute_script(
