@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import signal
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOURNAL_PRUNE_INTERVAL_S = 3600.0
+EXIT_PART_FAILED = 1
+"""Exit status when a part of the agent ended on its own (systemd restarts on non-zero)."""
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Agent:
         )
         self.metrics.prime(list(REQUEST_OUTCOMES))
         self._stop = asyncio.Event()
+        self._broken_part: str | None = None
+        """The long-running task that ended on its own, when one did (a bug): exit non-zero."""
         self._changed = asyncio.Event()
         self._on_change = [self._changed.set]
         self._background = Background()
@@ -241,7 +246,7 @@ class Agent:
         await self._stop.wait()
         log.info("stopping")
         await self.shutdown(parts, tasks)
-        return 0
+        return EXIT_PART_FAILED if self._broken_part is not None else 0
 
     async def startup(self, parts: Parts) -> list[asyncio.Task[None]]:
         """Start every part, in order: HTTP, MQTT, the worker, the journal's unfinished jobs."""
@@ -267,13 +272,32 @@ class Agent:
         parts.worker.start()
         for entry in await parts.journal.unfinished():
             await parts.runner.resume(entry)
-        return [
-            asyncio.create_task(self._redeliver(parts), name="redeliver"),
+        tasks = [
             asyncio.create_task(parts.admission.run(), name="admission"),
             asyncio.create_task(parts.runner.run(), name="runner"),
             asyncio.create_task(parts.status.keep(), name="state"),
             asyncio.create_task(self._prune_journal(parts.journal), name="journal-prune"),
         ]
+        for task in tasks:
+            task.add_done_callback(self._part_ended)
+        return [asyncio.create_task(self._redeliver(parts), name="redeliver"), *tasks]
+
+    def _part_ended(self, task: asyncio.Task[None]) -> None:
+        """Stop the agent when a part that serves until shutdown ends: it would never recover.
+
+        A runner that died on a bug would leave an agent that answers /healthz and takes
+        requests but runs none. Stopping with a non-zero exit lets systemd restart it
+        (``Restart=on-failure``); queued jobs are in the journal and run after the restart.
+        """
+        if task.cancelled() or self._stop.is_set():
+            return
+        log.critical(
+            "the agent's %s task ended; stopping so that the service restarts",
+            task.get_name(),
+            exc_info=task.exception(),
+        )
+        self._broken_part = task.get_name()
+        self._stop.set()
 
     async def shutdown(self, parts: Parts, tasks: list[asyncio.Task[None]]) -> None:
         """Take no new job, let the running one finish within the grace period, then stop.
@@ -313,11 +337,16 @@ class Agent:
 
     async def _prune_journal(self, journal: Journal) -> None:
         while True:
-            removed = await journal.prune(
-                self.settings.journal_keep_s, self.settings.journal_keep_rows
-            )
-            if removed:
-                log.info("journal: removed %d delivered jobs", removed)
+            try:
+                removed = await journal.prune(
+                    self.settings.journal_keep_s, self.settings.journal_keep_rows
+                )
+            except (OSError, sqlite3.Error) as exc:
+                # A full or failing disk: jobs report it; pruning tries again next interval.
+                log.warning("journal: pruning failed (%s); trying again later", exc)
+            else:
+                if removed:
+                    log.info("journal: removed %d delivered jobs", removed)
             await asyncio.sleep(JOURNAL_PRUNE_INTERVAL_S)
 
     def _announce(self) -> None:

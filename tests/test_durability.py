@@ -171,6 +171,35 @@ def test_thermal_guard_pauses_while_hot(broker, make_agent):
     client.close()
 
 
+def test_the_only_queued_job_cancelled_while_cooling_leaves_the_agent_running_the_next(
+    broker, make_agent
+):
+    agent = make_agent(broker, start=False, EDGEAI_THERMAL_POLL_S="0.2")
+    zone = agent.state_dir / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    temperature = zone / "temp"
+    temperature.write_text("85000\n")
+    agent.start(wait=False)
+    client = broker.client()
+    base = agent.base
+    client.subscribe(f"{base}/state", f"{base}/result/+")
+    client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "idle")
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "given-up"}))
+    client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "cooling")
+    # The runner took the job off its wait and is held by the guard; the queue empties under it.
+    client.publish(f"{base}/cancel", json.dumps({"id": "given-up"}))
+    assert client.wait_for(f"{base}/result/given-up").json()["error"]["code"] == "cancelled"
+    temperature.write_text("65000\n")
+    deadline = time.monotonic() + 30
+    while "SoC cooled down" not in agent.log():  # the guard let go of a job no longer queued
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.1)
+    client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "next"}))
+    assert client.wait_for(f"{base}/result/next").json()["status"] == "ok"
+    assert agent.process.poll() is None
+    client.close()
+
+
 def test_a_reply_not_acknowledged_by_the_broker_is_published_at_start(broker, make_agent):
     agent = make_agent(broker)
     client = broker.client(persistent=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -180,3 +181,30 @@ def test_temperature_throttling_and_forced_float32(broker, make_agent, tmp_path)
     client = broker.client()
     assert generate(client, agent)["status"] == "ok"
     client.close()
+
+
+def test_a_part_that_dies_on_a_bug_stops_the_agent_for_a_restart(
+    broker, tiny_model, tmp_path, monkeypatch, caplog
+):
+    """A dead runner would leave an agent that answers /healthz and runs nothing: it exits 1."""
+    from agent.app import EXIT_PART_FAILED, Agent  # noqa: PLC0415 - the in-process agent
+    from agent.jobs.runner import Runner  # noqa: PLC0415
+    from agent.settings import load_settings  # noqa: PLC0415
+    from tests.conftest import AgentProcess  # noqa: PLC0415
+
+    process = AgentProcess(broker, tiny_model, tmp_path / "agent", {})
+    broker.add_node(process.node_id)
+    for name, value in process.env().items():
+        monkeypatch.setenv(name, value)
+
+    async def broken_run(self: Runner) -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("a bug in the runner")
+
+    monkeypatch.setattr(Runner, "run", broken_run)
+    settings = load_settings()
+    exit_code = asyncio.run(asyncio.wait_for(Agent(settings).run(), 60))
+    assert exit_code == EXIT_PART_FAILED != 0
+    (record,) = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert "runner task ended" in record.getMessage()
+    assert "a bug in the runner" in caplog.text

@@ -172,11 +172,7 @@ class Runner:
     async def run(self) -> None:
         """Serve the queue forever (cancel the task to stop)."""
         while True:
-            while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            await self._guard.wait_until_cool()
-            job = self._queue.popleft()
+            job = await self._next_job()
             self.current = job
             job.started = time.monotonic()
             self._changed()
@@ -188,6 +184,18 @@ class Runner:
                 self.current = None
                 self._finished.set()
                 self._changed()
+
+    async def _next_job(self) -> Job:
+        """Wait for a queued job and a cool SoC; return the job at the head, off the queue."""
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._guard.wait_until_cool()
+            # The guard awaits (a temperature read, a cool-down): a cancel can empty the queue
+            # meanwhile, and then there is nothing to run yet.
+            if self._queue:
+                return self._queue.popleft()
 
     async def _run_one(self, job: Job) -> bool:
         """Run one job; return whether it has its reply (False: it went back in the queue)."""
