@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -110,3 +111,40 @@ def test_retention_keeps_free_space_and_jobs_keep_coming(broker, make_agent, sma
     assert "keep-0.png" not in kept  # the oldest went first
     assert agent.http_get("/healthz")[0] == 200
     client.close()
+
+
+def test_journal_pruning_on_a_full_disk_logs_and_keeps_the_agent_running(
+    small_disk, tmp_path, caplog
+):
+    """SQLite needs room to delete rows: the hourly pruning fails on a full disk and waits."""
+    from agent.app import Agent  # noqa: PLC0415 - the agent's own pruning loop, in process
+    from agent.jobs.journal import Journal  # noqa: PLC0415
+    from agent.jobs.requests import parse_generate  # noqa: PLC0415
+    from agent.settings import Settings  # noqa: PLC0415
+
+    settings = Settings(
+        node_id="prune", state_dir=small_disk / "state", journal_keep_s=0.001, journal_keep_rows=10
+    )
+    settings.state_dir.mkdir()
+
+    async def scenario() -> None:
+        journal = Journal(settings.journal_path)
+        for index in range(40):
+            payload = json.dumps({"id": f"old-{index}", "prompt": "x" * 500}).encode()
+            spec = parse_generate(payload, settings)
+            await journal.add(spec, f"hash-{index}", None)
+            await journal.start(spec.id)
+            await journal.finish(spec.id, {"status": "ok", "padding": "y" * 2000})
+            await journal.delivered(spec.id)
+        fill_up(small_disk, leave=0)
+        pruning = asyncio.create_task(Agent(settings)._prune_journal(journal))
+        async with asyncio.timeout(10):
+            while "pruning failed" not in caplog.text:  # noqa: ASYNC110 - it signals nothing
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert not pruning.done()  # still there to try again next hour
+        pruning.cancel()
+        journal.close()
+
+    asyncio.run(scenario())
+    assert "database or disk is full" in caplog.text
