@@ -178,7 +178,6 @@ class Agent:
             topics=topics,
             link=link,
             requests=requests,
-            runner=runner,
             announce=self._announce,
             background=self._background,
         )

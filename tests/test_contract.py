@@ -254,6 +254,19 @@ def test_cancel_a_running_job_and_a_queued_one(shared_agent, client):
     assert generate(client, shared_agent)["status"] == "ok"
 
 
+def test_a_cancel_sent_right_behind_its_request_is_never_lost(shared_agent, client):
+    base = shared_agent.base
+    client.subscribe(f"{base}/result/+", f"{base}/errors")
+    for index in range(3):
+        job_id = f"sent-then-cancelled-{index}"
+        request = {"prompt": "long", "id": job_id, "steps": 50}
+        client.publish(f"{base}/generate", json.dumps(request))
+        client.publish(f"{base}/cancel", json.dumps({"id": job_id}))  # no wait between
+        assert client.wait_for(f"{base}/result/{job_id}").json()["error"]["code"] == "cancelled"
+    unknown = [m.json() for m in client.messages(f"{base}/errors")]
+    assert not [e for e in unknown if "sent-then-cancelled" in e["error"]["message"]], unknown
+
+
 def test_retained_requests_are_refused_not_run(shared_agent, client):
     base = shared_agent.base
     client.subscribe(f"{base}/errors", f"{base}/jobs/retained-job")

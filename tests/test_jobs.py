@@ -222,6 +222,25 @@ def test_failures_cancels_and_an_unloaded_model_each_answer_their_job(tmp_path):
     run(scenario)
 
 
+def test_a_cancel_before_the_request_is_journaled_cancels_it_once_it_is(tmp_path):
+    async def scenario():
+        jobs = build_jobs(tmp_path)
+        jobs.worker.gate = asyncio.Event()
+        settled = jobs.admission.offer(request(jobs, "soon-gone"), fingerprint="g", api="mqtt")
+        assert await jobs.runner.cancel("soon-gone") is False  # not journaled, not queued yet
+        assert await jobs.admission.cancel("soon-gone")  # ... but offered: the cancel is kept
+        finished = jobs.runner.finished("soon-gone")
+        assert (await settled).spec.id == "soon-gone"
+        await asyncio.wait_for(finished, 10)
+        assert result(jobs, "soon-gone")["error"]["code"] == "cancelled"
+        assert jobs.worker.runs == []
+        assert (await jobs.journal.get("soon-gone")).status is not JobStatus.QUEUED
+        assert not await jobs.admission.cancel("nobody")
+        await jobs.close()
+
+    run(scenario)
+
+
 def test_the_journal_keeps_every_step_across_a_reopen(tmp_path):
     async def scenario():
         jobs = build_jobs(tmp_path)
@@ -291,7 +310,6 @@ def test_a_handler_that_raises_answers_internal_error_and_acknowledges_once(tmp_
             topics=jobs.topics,
             link=jobs.link,
             requests=Requests(settings=jobs.settings, admission=jobs.admission, outbox=jobs.outbox),
-            runner=jobs.runner,
             announce=lambda: 1 / 0,
             background=background,
         )

@@ -55,6 +55,8 @@ class Ticket:
     expires_at: float | None
     api: str
     settled: asyncio.Future[Admitted]
+    cancel_requested: bool = False
+    """A cancel came before the request was journaled: the job is cancelled once it is."""
 
 
 class Admission:
@@ -87,6 +89,8 @@ class Admission:
         self._on_change = on_change
         self._storage = storage or StorageWatch({})
         self._intake: asyncio.Queue[Ticket] = asyncio.Queue()
+        self._pending: list[Ticket] = []
+        """Tickets offered and not yet settled, in arrival order (a cancel must find them)."""
         self._taking = 0
         self._open = True
         self.last_spec: JobSpec | None = None
@@ -130,9 +134,27 @@ class Admission:
             settled.set_exception(exc)
             return settled
         self._taking += 1
-        self._intake.put_nowait(Ticket(spec, fingerprint, expires_at, api, settled))
+        ticket = Ticket(spec, fingerprint, expires_at, api, settled)
+        self._pending.append(ticket)
+        self._intake.put_nowait(ticket)
         self._changed()
         return settled
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a job: queued or running, or offered and not yet journaled.
+
+        A request is journaled a moment after it is offered; a cancel sent right behind it
+        (the next MQTT message from the same client) comes in that moment, and is kept for it.
+
+        Returns:
+            Whether a job with this id was pending, queued or running.
+        """
+        found = await self._runner.cancel(job_id)
+        for ticket in self._pending:
+            if ticket.spec.id == job_id:
+                ticket.cancel_requested = True
+                found = True
+        return found
 
     def refuse(self, error: RequestError, api: str) -> None:
         """Count a request an entry point refused before it could be offered (a retained one)."""
@@ -144,6 +166,8 @@ class Admission:
             ticket = await self._intake.get()
             try:
                 admitted = await self._accept(ticket)
+                if ticket.cancel_requested:
+                    await self._runner.cancel(admitted.spec.id)
             except RequestError as exc:
                 self._count(exc.code.value, ticket.api)
                 ticket.settled.set_exception(exc)
@@ -155,6 +179,7 @@ class Admission:
                 self._storage.succeeded("the journal")
                 ticket.settled.set_result(admitted)
             finally:
+                self._pending.remove(ticket)
                 self._taking -= 1
                 self._changed()
 

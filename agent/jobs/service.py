@@ -129,7 +129,7 @@ class JobService:
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job; return whether there was one."""
-        return await self._runner.cancel(job_id)
+        return await self._admission.cancel(job_id)
 
     async def gallery(self, limit: int) -> list[dict[str, Any]]:
         """Return the newest images still on disk, newest first."""

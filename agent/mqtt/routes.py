@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from agent.jobs.admission import Admission, Admitted
     from agent.jobs.outbox import Outbox
     from agent.jobs.requests import JobSpec
-    from agent.jobs.runner import Runner
     from agent.mqtt.link import Inbound, MqttLink
     from agent.mqtt.topics import Topics
     from agent.settings import Settings
@@ -143,7 +142,6 @@ class MqttRoutes:
         topics: Topics,
         link: MqttLink,
         requests: Requests,
-        runner: Runner,
         announce: Callable[[], None],
         background: Background,
     ) -> None:
@@ -151,7 +149,6 @@ class MqttRoutes:
         self._settings = settings
         self._link = link
         self._requests = requests
-        self._runner = runner
         self._announce = announce
         self._background = background
         self.table: dict[str, Callable[[Inbound, Acknowledgement], None]] = {
@@ -229,7 +226,7 @@ class MqttRoutes:
             ack()
 
     async def _cancel(self, job_id: str) -> None:
-        if not await self._runner.cancel(job_id):
+        if not await self._requests.admission.cancel(job_id):
             self._requests.outbox.error(
                 None, ErrorCode.UNKNOWN_JOB, f"no queued or running job has the id {job_id}"
             )
