@@ -145,7 +145,9 @@ def test_a_result_over_the_setting_carries_the_url(broker, make_agent):
     client.close()
 
 
-def test_thermal_guard_pauses_while_hot(broker, make_agent):
+def start_hot(broker, make_agent, *topics: str):
+    """Start an agent on an 85 °C SoC; return it, its temperature file and a client that is
+    subscribed to its state and to ``topics`` (under its base) and has seen it idle."""
     agent = make_agent(broker, start=False, EDGEAI_THERMAL_POLL_S="0.2")
     zone = agent.state_dir / "thermal" / "thermal_zone0"
     zone.mkdir(parents=True)
@@ -153,9 +155,14 @@ def test_thermal_guard_pauses_while_hot(broker, make_agent):
     temperature.write_text("85000\n")
     agent.start(wait=False)
     client = broker.client()
+    client.subscribe(f"{agent.base}/state", *(f"{agent.base}/{topic}" for topic in topics))
+    client.wait_for(f"{agent.base}/state", lambda m: m.json()["state"] == "idle")
+    return agent, temperature, client
+
+
+def test_thermal_guard_pauses_while_hot(broker, make_agent):
+    agent, temperature, client = start_hot(broker, make_agent, "jobs/+", "result/+")
     base = agent.base
-    client.subscribe(f"{base}/state", f"{base}/jobs/+", f"{base}/result/+")
-    client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "idle")
     client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "hot"}))
     client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "cooling")
     temperature.write_text("75000\n")  # below pause_c but above resume_c: still cooling
@@ -174,16 +181,8 @@ def test_thermal_guard_pauses_while_hot(broker, make_agent):
 def test_the_only_queued_job_cancelled_while_cooling_leaves_the_agent_running_the_next(
     broker, make_agent
 ):
-    agent = make_agent(broker, start=False, EDGEAI_THERMAL_POLL_S="0.2")
-    zone = agent.state_dir / "thermal" / "thermal_zone0"
-    zone.mkdir(parents=True)
-    temperature = zone / "temp"
-    temperature.write_text("85000\n")
-    agent.start(wait=False)
-    client = broker.client()
+    agent, temperature, client = start_hot(broker, make_agent, "result/+")
     base = agent.base
-    client.subscribe(f"{base}/state", f"{base}/result/+")
-    client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "idle")
     client.publish(f"{base}/generate", json.dumps({"prompt": "x", "id": "given-up"}))
     client.wait_for(f"{base}/state", lambda m: m.json()["state"] == "cooling")
     # The runner took the job off its wait and is held by the guard; the queue empties under it.
