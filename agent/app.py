@@ -87,8 +87,8 @@ class Agent:
         )
         self.metrics.prime(list(REQUEST_OUTCOMES))
         self._stop = asyncio.Event()
-        self._broken_part: str | None = None
-        """The long-running task that ended on its own, when one did (a bug): exit non-zero."""
+        self._part_failed = False
+        """A part that serves until shutdown ended on its own (a bug): exit non-zero."""
         self._changed = asyncio.Event()
         self._on_change = [self._changed.set]
         self._background = Background()
@@ -245,7 +245,7 @@ class Agent:
         await self._stop.wait()
         log.info("stopping")
         await self.shutdown(parts, tasks)
-        return EXIT_PART_FAILED if self._broken_part is not None else 0
+        return EXIT_PART_FAILED if self._part_failed else 0
 
     async def startup(self, parts: Parts) -> list[asyncio.Task[None]]:
         """Start every part, in order: HTTP, MQTT, the worker, the journal's unfinished jobs."""
@@ -295,7 +295,7 @@ class Agent:
             task.get_name(),
             exc_info=task.exception(),
         )
-        self._broken_part = task.get_name()
+        self._part_failed = True
         self._stop.set()
 
     async def shutdown(self, parts: Parts, tasks: list[asyncio.Task[None]]) -> None:

@@ -90,8 +90,8 @@ class Admission:
         self._storage = storage or StorageWatch({})
         self._intake: asyncio.Queue[Ticket] = asyncio.Queue()
         self._pending: list[Ticket] = []
-        """Tickets offered and not yet settled, in arrival order (a cancel must find them)."""
-        self._taking = 0
+        """Tickets offered and not yet settled, in arrival order: they count in the queue
+        depth, and a cancel must find them."""
         self._open = True
         self.last_spec: JobSpec | None = None
         """The most recent request admitted (the regenerate button runs it again)."""
@@ -99,7 +99,7 @@ class Admission:
     @property
     def queue_depth(self) -> int:
         """Return how many jobs wait: admitted and not yet journaled, or queued in the runner."""
-        return self._taking + self._runner.depth
+        return len(self._pending) + self._runner.depth
 
     def close(self) -> None:
         """Refuse every request from now on (shutting down)."""
@@ -133,7 +133,6 @@ class Admission:
             self._count(exc.code.value, api)
             settled.set_exception(exc)
             return settled
-        self._taking += 1
         ticket = Ticket(spec, fingerprint, expires_at, api, settled)
         self._pending.append(ticket)
         self._intake.put_nowait(ticket)
@@ -180,7 +179,6 @@ class Admission:
                 ticket.settled.set_result(admitted)
             finally:
                 self._pending.remove(ticket)
-                self._taking -= 1
                 self._changed()
 
     async def _accept(self, ticket: Ticket) -> Admitted:

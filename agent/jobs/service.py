@@ -128,7 +128,7 @@ class JobService:
         }
 
     async def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job; return whether there was one."""
+        """Cancel a job offered, queued or running; return whether there was one."""
         return await self._admission.cancel(job_id)
 
     async def gallery(self, limit: int) -> list[dict[str, Any]]:
