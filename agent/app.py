@@ -25,6 +25,7 @@ from agent.jobs.runner import Runner
 from agent.jobs.service import JobService
 from agent.machine.disk import StorageWatch
 from agent.machine.memory import memory_limit
+from agent.machine.state_folder import prepare_state_folders
 from agent.machine.thermal import ThermalGuard
 from agent.metrics import AgentMetrics
 from agent.model.link import Backoff, WorkerLink
@@ -34,14 +35,14 @@ from agent.mqtt.fleet import Fleet
 from agent.mqtt.link import MqttError, MqttLink
 from agent.mqtt.routes import Background, MqttRoutes, Requests
 from agent.mqtt.topics import Topics
+from agent.settings import SettingsError
 from agent.status import AgentStatus
 from agent.web.a1111_api import A1111Api
 from agent.web.auth import TokenGate, UrlSigner, agent_token
 from agent.web.generation import Generation
 from agent.web.openai_api import OpenAIApi
 from agent.web.page_api import PageApi
-from agent.web.routing import LoopCalls
-from agent.web.server import AgentHttpServer
+from agent.web.server import AgentHttpServer, HttpConfig
 
 if TYPE_CHECKING:
     from agent.settings import Settings
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 JOURNAL_PRUNE_INTERVAL_S = 3600.0
 EXIT_PART_FAILED = 1
 """Exit status when a part of the agent ended on its own (systemd restarts on non-zero)."""
+EXIT_SETTINGS = 2
+"""Exit status when a setting stops the start (as the command line's own errors)."""
 
 
 @dataclass
@@ -101,6 +104,7 @@ class Agent:
     def build(self) -> Parts:
         """Build every part and wire them together (on the running loop; nothing starts)."""
         settings, metrics, changed = self.settings, self.metrics, self._changed_somewhere
+        self.token = agent_token(settings)  # first: a bad token stops the start before anything
         topics = Topics(settings.base_topic)
         journal = Journal(settings.journal_path)
         store = ImageStore(
@@ -115,10 +119,18 @@ class Agent:
                 functools.partial(storage.free, folder)
             )
         http = AgentHttpServer(
-            settings.http_host, settings.http_port, store.folder, metrics.registry
+            HttpConfig(
+                host=settings.http_host,
+                port=settings.http_port,
+                max_body_bytes=settings.max_payload_bytes,
+                idle_timeout_s=settings.http_idle_timeout_s,
+                frame_ancestors=tuple(settings.http_frame_ancestors),
+            ),
+            store.folder,
+            metrics.registry,
+            on_refusal=lambda reason: metrics.http_refusals.labels(reason=reason).inc(),
         )
         link = MqttLink(settings, topics, on_connection=self._on_connection)
-        self.token = agent_token(settings)
         signer = UrlSigner(None if settings.public_images else self.token)
         outbox = Outbox(
             link,
@@ -240,7 +252,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
-        parts = self.build()
+        try:
+            prepare_state_folders(self.settings)
+            parts = self.build()
+        except SettingsError as exc:
+            log.error("cannot start: %s", exc)  # noqa: TRY400 - the message says it all
+            return EXIT_SETTINGS
         tasks = await self.startup(parts)
         await self._stop.wait()
         log.info("stopping")
@@ -250,19 +267,14 @@ class Agent:
     async def startup(self, parts: Parts) -> list[asyncio.Task[None]]:
         """Start every part, in order: HTTP, MQTT, the worker, the journal's unfinished jobs."""
         settings = self.settings
-        calls = LoopCalls(asyncio.get_running_loop())
-        generation = Generation(settings=settings, calls=calls, jobs=parts.service)
+        generation = Generation(settings=settings, jobs=parts.service)
         for api in (
-            PageApi(calls=calls, jobs=parts.service, events=parts.outbox.events),
+            PageApi(jobs=parts.service, events=parts.outbox.events),
             OpenAIApi(generation),
-            A1111Api(generation, calls=calls, jobs=parts.service),
+            A1111Api(generation, jobs=parts.service),
         ):
             api.register(parts.http.routes)
-        parts.http.start(
-            parts.status.health,
-            self.gate,
-            settings.max_payload_bytes,
-        )
+        await parts.http.start(parts.status.health, self.gate)
         log.info("HTTP server on %s:%d", settings.http_host, parts.http.port)
         parts.admission.last_spec = await parts.journal.latest()
         parts.link.start()
@@ -324,7 +336,7 @@ class Agent:
         if parts.fleet is not None and parts.fleet.link is not None:
             await parts.fleet.link.stop()
         await parts.link.stop()
-        await asyncio.to_thread(parts.http.stop)
+        await parts.http.stop()
         parts.journal.close()
 
     async def _redeliver(self, parts: Parts) -> None:

@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.page_url:
         from agent.web.auth import agent_token  # noqa: PLC0415 - keeps --help fast
 
-        token = agent_token(settings)
+        try:
+            token = agent_token(settings)
+        except SettingsError as exc:
+            print(f"edgeai-agent: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own error
+            return 2
         address = settings.base_url(settings.http_port) + "/"
         print(address + (f"?token={token}" if token else ""))  # noqa: T201 - requested output
         return 0

@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
-FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.(png|jpg|webp)$")
-"""Names of files the agent writes (a job id and an extension); nothing else is ever served."""
+FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[0-9a-f]{16})?\.(png|jpg|webp)$")
+"""Names of files the agent writes (a job id, the job's image key, an extension); nothing else
+is ever served."""
+IMAGE_KEY_BYTES = 8
+"""Random bytes of a job's image key (16 hex characters in its file name)."""
 
 
 def encode_image(image: Image, image_format: ImageFormat, quality: int) -> bytes:
@@ -47,9 +50,18 @@ def encode_image(image: Image, image_format: ImageFormat, quality: int) -> bytes
     return buffer.getvalue()
 
 
-def file_name(job_id: str, image_format: ImageFormat) -> str:
-    """Return the file name of a job's image: its id and the format's extension."""
-    return f"{job_id}.{EXTENSIONS[image_format]}"
+def file_name(job_id: str, image_format: ImageFormat, key: str = "") -> str:
+    """Return the file name of a job's image: its id, its image key and the format's extension.
+
+    The key is new for each admitted job, so a client that reuses an id later gets a new file:
+    a URL handed out for the earlier job goes on serving that job's picture (or nothing, once
+    retention removed it), never the new one.
+    """
+    return (
+        f"{job_id}.{key}.{EXTENSIONS[image_format]}"
+        if key
+        else f"{job_id}.{EXTENSIONS[image_format]}"
+    )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,17 @@ STAGES = (
 )
 
 
+HTTP_REFUSALS = (
+    "malformed",
+    "unauthorized",
+    "cross_site",
+    "unsupported_media_type",
+    "payload_too_large",
+    "body_timeout",
+)
+"""Why the HTTP server refuses a request before its handler (400, 401, 403, 415, 413, 408)."""
+
+
 class HardwareCollector:
     """Reads temperature and throttling flags at scrape time, so values are never stale."""
 
@@ -132,6 +143,14 @@ class AgentMetrics:
             ["api", "outcome"],
             registry=registry,
         )
+        self.http_refusals = Counter(
+            "edgeai_http_refusals",
+            "HTTP requests refused before their handler, by reason: "
+            + ", ".join(HTTP_REFUSALS)
+            + ".",
+            ["reason"],
+            registry=registry,
+        )
         self.jobs = Counter(
             "edgeai_jobs",
             "Jobs finished, by status: done, failed or cancelled.",
@@ -213,5 +232,7 @@ class AgentMetrics:
             self.requests.labels(outcome=outcome)
         for status in ("done", "failed", "cancelled"):
             self.jobs.labels(status=status)
+        for reason in HTTP_REFUSALS:
+            self.http_refusals.labels(reason=reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -342,3 +343,28 @@ def require_command(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; scripts/test installs it")
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs, as full as an SD card can get; skipped where none can be mounted."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (not root?): {mounted.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_up(disk, leave: int = 16_384) -> None:
+    """Fill the disk as other data on an SD card does, leaving ``leave`` bytes free."""
+    stats = os.statvfs(disk)
+    free = stats.f_bavail * stats.f_frsize
+    with (disk / "other-data").open("wb") as filler, contextlib.suppress(OSError):
+        filler.write(b"\0" * max(free - leave, 0))  # full sooner than asked is full too

@@ -80,7 +80,8 @@ def occupy(agent, jobs: int) -> list[str]:
 def wait_done(agent, job_ids: list[str]) -> None:
     for job_id in job_ids:
         deadline = time.monotonic() + 120
-        while call(agent, "GET", f"/api/jobs/{job_id}")[1]["status"] != "done":
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        while call(agent, "GET", f"/api/jobs/{job_id}", None, bearer)[1]["status"] != "done":
             assert time.monotonic() < deadline
             time.sleep(0.2)
 

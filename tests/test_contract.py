@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -148,7 +149,7 @@ def test_latest_image_topics_are_retained(shared_agent, client):
         image = late.wait_for(f"{base}/image", lambda m: m.retain)
         assert image.payload.decode() == result["image"]["b64"]  # bare base64, no JSON around it
         url = late.wait_for(f"{base}/image/url", lambda m: m.retain).payload.decode()
-        assert url.endswith(f"/images/{result['id']}.png")
+        assert re.search(rf"/images/{result['id']}\.[0-9a-f]{{16}}\.png$", url), url
         attributes = late.wait_for(f"{base}/image/attributes", lambda m: m.retain).json()
         assert attributes["prompt"] == "a retained picture"
         assert attributes["seed"] == 99
@@ -269,15 +270,75 @@ def test_a_cancel_sent_right_behind_its_request_is_never_lost(shared_agent, clie
 
 def test_retained_requests_are_refused_not_run(shared_agent, client):
     base = shared_agent.base
-    client.subscribe(f"{base}/errors", f"{base}/jobs/retained-job")
+    client.subscribe(f"{base}/errors", f"{base}/jobs/retained-job", f"{base}/result/retained-job")
     client.publish(
         f"{base}/generate", json.dumps({"prompt": "x", "id": "retained-job"}), retain=True
     )
-    refusal = client.wait_for(f"{base}/errors").json()
+    # The refusal carries the id it could read, on that id's result topic.
+    refusal = client.wait_for(f"{base}/result/retained-job").json()
     assert refusal["error"]["code"] == "retained_request"
+    assert refusal["id"] == "retained-job"
     client.publish(f"{base}/generate", "", retain=True)  # clear it from the broker again
+    client.publish(f"{base}/generate", "a bare retained prompt", retain=True)
+    assert client.wait_for(f"{base}/errors").json()["error"]["code"] == "retained_request"
+    client.publish(f"{base}/generate", "", retain=True)
     assert generate(client, shared_agent, id="after-retained")["status"] == "ok"
     assert client.messages(f"{base}/jobs/retained-job") == []
+
+
+def test_a_retained_cancel_is_refused_and_cancels_nothing(shared_agent, client):
+    base = shared_agent.base
+    client.subscribe(f"{base}/errors", f"{base}/result/kept-running")
+    client.publish(
+        f"{base}/generate", json.dumps({"prompt": "long", "id": "kept-running", "steps": 20})
+    )
+    client.publish(f"{base}/cancel", json.dumps({"id": "kept-running"}), retain=True)
+    refusal = client.wait_for(f"{base}/errors", lambda m: m.json()["id"] == "kept-running")
+    assert refusal.json()["error"]["code"] == "retained_request"
+    client.publish(f"{base}/cancel", "", retain=True)  # clear it from the broker again
+    assert client.wait_for(f"{base}/result/kept-running", timeout=120).json()["status"] == "ok"
+
+
+def test_errors_carry_the_id_whenever_it_could_be_read(shared_agent, client):
+    base = shared_agent.base
+    client.subscribe(f"{base}/errors", f"{base}/result/bad-topic-1")
+    # A bad MQTT 5 Response Topic: the error goes to the id's result topic, never to that topic.
+    client.publish(
+        f"{base}/generate",
+        json.dumps({"prompt": "x", "id": "bad-topic-1"}),
+        response_topic="edgeai/reply/#",
+    )
+    error = client.wait_for(f"{base}/result/bad-topic-1").json()
+    assert error["id"] == "bad-topic-1"
+    assert error["error"]["code"] == "bad_reply_to"
+    # Cancels: answered on <base>/errors (result/<id> is the job's own answer), with the id.
+    client.publish(f"{base}/cancel", json.dumps({"id": "no-such-job-2"}))
+    unknown = client.wait_for(f"{base}/errors", lambda m: m.json()["id"] == "no-such-job-2")
+    assert unknown.json()["error"]["code"] == "unknown_job"
+    client.publish(f"{base}/cancel", json.dumps({"id": "odd-cancel", "extra": 1}))
+    odd = client.wait_for(f"{base}/errors", lambda m: m.json()["id"] == "odd-cancel")
+    assert odd.json()["error"]["code"] != "unknown_job"
+
+
+def test_a_reused_id_never_changes_what_an_issued_url_serves(shared_agent, client):
+    first = generate(client, shared_agent, id="reused-1", output="url", seed=1)
+    first_path = first["image"]["url"].removeprefix(shared_agent.url)
+    status, _, first_bytes = shared_agent.http_get(first_path)
+    assert status == 200
+    # The same id again, another request (the journal replaces a finished job's row).
+    request = {"id": "reused-1", "output": "url", "seed": 2, "prompt": "a pear"}
+    client.publish(f"{shared_agent.base}/generate", json.dumps(request))
+    second = client.wait_for(
+        f"{shared_agent.base}/result/reused-1", lambda m: m.json().get("seed") == 2
+    ).json()
+    assert second["status"] == "ok"
+    second_path = second["image"]["url"].removeprefix(shared_agent.url)
+    assert second_path != first_path
+    status, _, second_bytes = shared_agent.http_get(second_path)
+    assert status == 200
+    assert second_bytes != first_bytes
+    # The URL handed out for the first job still serves the first picture.
+    assert shared_agent.http_get(first_path)[2] == first_bytes
 
 
 def test_an_id_is_never_run_twice(shared_agent, client):

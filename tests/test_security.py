@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import free_port, generate, require_command, start_broker
+from tests.conftest import fill_up, free_port, generate, require_command, start_broker
 
 
 def mosquitto_pub(
@@ -257,7 +257,10 @@ def test_models_load_from_safetensors_only(broker, make_agent, tiny_model, tmp_p
 
 def post_job(agent, body: dict, token: str | None = None) -> int:
     request = urllib.request.Request(
-        agent.url + "/api/jobs", data=json.dumps(body).encode(), method="POST"
+        agent.url + "/api/jobs",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
     )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -306,3 +309,79 @@ def test_turning_http_auth_off_is_said_in_the_log(broker, make_agent):
     assert post_job(agent, {"prompt": "x"}) == 202
     assert "HTTP authentication is off" in agent.log()
     assert not (agent.state_dir / "api-token").exists()
+
+
+def start_and_wait_exit(agent, timeout: float = 60) -> int:
+    agent.start(wait=False)
+    return agent.process.wait(timeout)
+
+
+def test_an_empty_token_setting_stops_the_start_with_a_message(broker, make_agent):
+    agent = make_agent(broker, start=False, EDGEAI_HTTP_AUTH="true", EDGEAI_API_TOKEN=" ")
+    assert start_and_wait_exit(agent) == 2
+    log = agent.log()
+    assert "cannot start: api_token is set but empty" in log
+    assert "Traceback" not in log
+
+
+def test_an_empty_token_file_is_replaced_never_taken_as_no_token(broker, make_agent, tmp_path):
+    agent = make_agent(broker, start=False, EDGEAI_HTTP_AUTH="true")
+    agent.state_dir.mkdir(parents=True)
+    token_file = agent.state_dir / "api-token"
+    token_file.write_text("")  # what a full disk leaves at the first start
+    agent.start()
+    token = token_file.read_text().strip()
+    assert len(token) >= 24
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert "is empty; generating a new token" in agent.log()
+    assert post_job(agent, {"prompt": "x"}) == 401
+    assert post_job(agent, {"prompt": "x"}, token="") == 401
+    assert agent.http_get("/api/images")[0] == 401
+    assert post_job(agent, {"prompt": "x"}, token=token) == 202
+
+
+def test_a_token_that_cannot_be_read_or_written_stops_the_start(broker, make_agent):
+    agent = make_agent(broker, start=False, EDGEAI_HTTP_AUTH="true")
+    (agent.state_dir / "api-token").mkdir(parents=True)  # unreadable as a file
+    assert start_and_wait_exit(agent) == 2
+    assert "cannot start: cannot read the API token file" in agent.log()
+    assert "Traceback" not in agent.log()
+
+
+def test_a_full_disk_at_the_first_start_leaves_no_empty_token(broker, make_agent, small_disk):
+    state = small_disk / "state"
+    state.mkdir()
+    (state / "images").mkdir()
+    fill_up(small_disk, leave=0)
+    agent = make_agent(broker, start=False, EDGEAI_HTTP_AUTH="true", EDGEAI_STATE_DIR=str(state))
+    assert start_and_wait_exit(agent) == 2
+    assert "cannot write the API token" in agent.log()
+    assert not (state / "api-token").exists()
+
+
+def test_a_state_folder_that_cannot_be_made_is_one_clear_line(broker, make_agent, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    agent = make_agent(broker, start=False, EDGEAI_STATE_DIR=str(blocker / "state"))
+    agent.state_dir.mkdir(parents=True)  # where the test keeps the agent's log
+    assert start_and_wait_exit(agent) == 2
+    log = agent.log()
+    assert f"cannot start: state_dir {blocker / 'state'} cannot be used: Not a directory" in log
+    assert "Traceback" not in log
+
+
+def test_prompts_images_and_the_token_are_private_to_the_agent(broker, make_agent):
+    agent = make_agent(broker, EDGEAI_HTTP_AUTH="true")
+    agent.state_dir.chmod(0o755)  # as the old unit left it: the agent tightens it at start
+    agent.stop()
+    agent.start()
+    client = broker.client()
+    generate(client, agent, output="url")
+    client.close()
+    state = agent.state_dir
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "images").stat().st_mode) == 0o700
+    private = [state / "api-token", *state.glob("journal.sqlite3*"), *state.glob("images/*")]
+    assert len(private) >= 3
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

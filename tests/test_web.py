@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import shutil
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -31,10 +34,10 @@ def call(agent, method: str, path: str, body: dict | bytes | None = None, token:
         return error.code, error.read()
 
 
-def wait_done(agent, job_id: str, timeout: float = 60) -> dict:
+def wait_done(agent, job_id: str, timeout: float = 60, token: str | None = None) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        status, body = call(agent, "GET", f"/api/jobs/{job_id}")
+        status, body = call(agent, "GET", f"/api/jobs/{job_id}", token=token)
         assert status == 200
         data = json.loads(body)
         if data["status"] == "done":
@@ -118,7 +121,7 @@ def test_token_guards_writes_and_private_reads(broker, make_agent):
         agent, "POST", "/api/jobs", {"prompt": "x", "id": "guarded"}, token="s3cret"
     )
     assert status == 202
-    reply = wait_done(agent, "guarded")["reply"]
+    reply = wait_done(agent, "guarded", token="s3cret")["reply"]
     signed = reply["image"]["url"].removeprefix(agent.url)
     path, _, signature = signed.partition("?sig=")
     assert signature  # the URL the agent hands out opens this one image ...
@@ -126,7 +129,13 @@ def test_token_guards_writes_and_private_reads(broker, make_agent):
     assert agent.http_get(path)[0] == 401  # ... the bare name does not
     assert agent.http_get(f"{path}?sig={'0' * len(signature)}")[0] == 401
     assert agent.http_get("/api/images")[0] == 401
-    assert agent.http_get(path + "?token=s3cret")[0] == 200
+    # A token in a URL opens nothing: URLs are copied, logged and shared.
+    assert agent.http_get(path + "?token=s3cret")[0] == 401
+    assert agent.http_get("/api/images?token=s3cret")[0] == 401
+    # A job's status and events (its prompt, seed and image URL) need the token too.
+    assert call(agent, "GET", "/api/jobs/guarded")[0] == 401
+    assert call(agent, "GET", "/api/jobs/guarded/events")[0] == 401
+    assert call(agent, "GET", "/api/jobs/guarded", token="s3cret")[0] == 200
     assert agent.http_get("/healthz")[0] == 200  # health and metrics stay open
     assert agent.http_get("/")[0] == 200  # so does the page, which then asks for the token
 
@@ -152,12 +161,18 @@ def chromium_driver(download_dir: Path):
     return webdriver.Chrome(options=options, service=service)
 
 
-def test_the_page_generates_shows_and_downloads_an_image(shared_agent, tmp_path):
+PAGE_TOKEN = "page-test-token"
+
+
+def test_the_page_generates_shows_and_downloads_an_image(module_broker, make_agent, tmp_path):
+    # As installed: the token on, the page opened at the address scripts/run prints.
+    shared_agent = make_agent(module_broker, EDGEAI_API_TOKEN=PAGE_TOKEN, EDGEAI_HTTP_AUTH="true")
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     driver = chromium_driver(downloads)
     try:
-        driver.get(shared_agent.url + "/")
+        driver.get(shared_agent.url + f"/?token={PAGE_TOKEN}")
+        assert driver.current_url == shared_agent.url + "/"  # taken off the address bar
         prompt = driver.find_element(By.ID, "prompt")
         assert "dog" in prompt.get_attribute("value")  # prefilled example
         prompt.clear()
@@ -172,7 +187,7 @@ def test_the_page_generates_shows_and_downloads_an_image(shared_agent, tmp_path)
                 name: driver.find_element(By.ID, name).text
                 for name in ("error", "progress-text", "gallery")
             }
-            jobs = call(shared_agent, "GET", "/api/images")
+            jobs = call(shared_agent, "GET", "/api/images", token=PAGE_TOKEN)
             health = shared_agent.http_get("/healthz")[2]
             pytest.fail(
                 f"no result shown in 90 s: page {shown}, agent's images {jobs}, health {health!r}"
@@ -207,5 +222,49 @@ def test_the_page_generates_shows_and_downloads_an_image(shared_agent, tmp_path)
         )
         assert downloaded.read_bytes() == shared_agent.http_get(url_path)[2]
         assert driver.find_element(By.ID, "error").is_displayed() is False
+        # Every link and picture on the page opens by its signature; none carries the token.
+        links = [driver.find_element(By.ID, "download").get_attribute("href")] + [
+            picture.get_attribute("src")
+            for picture in driver.find_elements(By.CSS_SELECTOR, "#result-image, #gallery img")
+        ]
+        assert len(links) >= 3
+        for link in links:
+            assert "?sig=" in link, link
+            assert PAGE_TOKEN not in link, link
     finally:
         driver.quit()
+
+
+EVIL_PAGE = """<!doctype html><html><body>
+<form id="f" method="post" enctype="text/plain" action="{agent}/api/jobs">
+<input name='{{"prompt": "from another site", "id": "evil-form", "x": "' value='"}}'>
+</form>
+<script>
+fetch("{agent}/api/jobs", {{method: "POST", mode: "no-cors",
+  headers: {{"Content-Type": "text/plain"}},
+  body: JSON.stringify({{prompt: "from another site", id: "evil-fetch"}})}})
+  .finally(() => document.getElementById("f").submit());
+</script></body></html>"""
+
+
+def test_another_sites_page_cannot_create_jobs_in_a_real_browser(shared_agent, tmp_path):
+    """Authentication off: a page on another origin posts a form and a fetch to the agent."""
+    (tmp_path / "evil.html").write_text(EVIL_PAGE.format(agent=shared_agent.url))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)),
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    accepted = shared_agent.metric("edgeai_requests_total", outcome="accepted")
+    driver = chromium_driver(tmp_path)
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/evil.html")
+        # The form's submission lands on the agent's answer: a refusal.
+        WebDriverWait(driver, 30).until(lambda d: "cross_site" in d.page_source)
+    finally:
+        driver.quit()
+        server.shutdown()
+    for job_id in ("evil-form", "evil-fetch"):
+        assert call(shared_agent, "GET", f"/api/jobs/{job_id}")[0] == 404
+    assert shared_agent.metric("edgeai_requests_total", outcome="accepted") == accepted
+    assert shared_agent.metric("edgeai_http_refusals_total", reason="cross_site") >= 2

@@ -12,11 +12,14 @@ waiting in the runner.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent.images import IMAGE_KEY_BYTES
 from agent.jobs.journal import JobStatus
 from agent.jobs.requests import ErrorCode, RequestError
 from agent.jobs.runner import Job
@@ -127,7 +130,7 @@ class Admission:
         """
         settled: asyncio.Future[Admitted] = asyncio.get_running_loop().create_future()
         try:
-            spec = parse()
+            spec = dataclasses.replace(parse(), image_key=secrets.token_hex(IMAGE_KEY_BYTES))
             self._check_room(spec)
         except RequestError as exc:
             self._count(exc.code.value, api)

@@ -9,7 +9,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent.images import file_name
 from agent.jobs.events import JobEvents
 from agent.jobs.requests import ErrorCode, RequestError, error_body
 from agent.machine.disk import StorageWatch, is_full
@@ -85,11 +84,11 @@ class Outbox:
 
     def store_path(self, spec: JobSpec) -> Path:
         """Return the path of a job's image file."""
-        return self._store.folder / file_name(spec.id, spec.format)
+        return self._store.folder / spec.image_file
 
     def url(self, spec: JobSpec) -> str:
         """Return the URL a job's image is served at."""
-        name = file_name(spec.id, spec.format)
+        name = spec.image_file
         signature = self._sign(name)
         url = f"{self.base_url}/images/{name}"
         return url if signature is None else f"{url}?sig={signature}"
@@ -114,6 +113,13 @@ class Outbox:
         self._publish(topic, payload)
         if reply_to is not None:
             self._publish(reply_to, payload, correlation_data=correlation_data)
+
+    def cancel_error(self, job_id: str | None, code: ErrorCode, message: str) -> None:
+        """Publish the error of a cancel on ``<base>/errors``, with the job's id when known.
+
+        Never on ``result/<id>``: that is the job's own answer, and a bad cancel does not end it.
+        """
+        self._publish(self._topics.errors, _json(error_body(job_id, code, message)))
 
     def reply(self, spec: JobSpec, body: dict[str, Any]) -> asyncio.Future[None] | None:
         """Publish a job's reply on ``result/<id>`` and the client's reply topic.
@@ -154,9 +160,7 @@ class Outbox:
         encoded = await asyncio.to_thread(lambda: base64.b64encode(finished.data).decode("ascii"))
         unsaved: str | None = None
         try:
-            await asyncio.to_thread(
-                self._store.save, file_name(spec.id, spec.format), finished.data
-            )
+            await asyncio.to_thread(self._store.save, spec.image_file, finished.data)
         except OSError as exc:
             sentence = self._storage.failed("the image", self._store.folder, exc)
             if not self._deliverable(spec, encoded):
@@ -254,7 +258,7 @@ class Outbox:
         """Rebuild a stored reply, reading the base64 back from the image file if still there."""
         if stored.get("status") != "ok" or spec.output == "url":
             return stored
-        path = self._store.folder / file_name(spec.id, spec.format)
+        path = self._store.folder / spec.image_file
         try:
             data = await asyncio.to_thread(path.read_bytes)
         except OSError:

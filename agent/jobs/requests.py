@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.images import file_name
 from agent.model.protocol import GenerateJob
 from agent.mqtt.topics import is_encodable, reply_topic_problem
 from agent.settings import ImageFormat, OutputMode
@@ -126,6 +127,14 @@ class JobSpec:
     correlation_data: bytes | None = None
     fleet_result_topic: str | None = None
     """Where a fleet job's result goes too, so fleet clients need not know which agent ran it."""
+    image_key: str = ""
+    """Random, given when the job is admitted: part of its image's file name (empty in jobs
+    journaled before keys existed)."""
+
+    @property
+    def image_file(self) -> str:
+        """Return the name of this job's image file."""
+        return file_name(self.id, self.format, self.image_key)
 
     def worker_job(self) -> GenerateJob:
         """Return what the worker process needs to generate and encode the image."""
@@ -243,9 +252,16 @@ def parse_generate(
     reply_to: str | None = None
     job_id: str | None = None
     try:
-        reply_to = _checked_reply_to(response_topic, settings)
+        # A bad Response Topic is reported once the id is read, so the error carries it.
+        topic_problem: RequestError | None = None
+        try:
+            reply_to = _checked_reply_to(response_topic, settings)
+        except RequestError as exc:
+            topic_problem = exc
         data = _decode_request(payload, settings.max_payload_bytes)
         job_id = _readable_id(data)
+        if topic_problem is not None:
+            raise topic_problem
         if reply_to is None and isinstance(data.get("reply_to"), str):
             reply_to = _checked_reply_to(data["reply_to"], settings)
         try:
@@ -358,7 +374,18 @@ def parse_cancel(payload: bytes, limit: int) -> str:
     try:
         return CancelRequest.model_validate(data).id
     except ValidationError as exc:
-        raise field_error(exc) from exc
+        error = field_error(exc)
+        error.job_id = _readable_id(data) if isinstance(data, dict) else None
+        raise error from exc
+
+
+def readable_id(payload: bytes, limit: int) -> str | None:
+    """Return the valid ``id`` of a JSON payload, or None: for errors about a whole message."""
+    try:
+        data = decode_json(payload, limit)
+    except RequestError:
+        return None
+    return _readable_id(data) if isinstance(data, dict) else None
 
 
 def error_body(job_id: str | None, code: ErrorCode, message: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """What the HTTP entry points ask of the jobs: submit, look up, wait for, cancel, list images.
 
-The HTTP server runs in threads of its own; its handlers call these coroutines on the agent's
-loop, so every HTTP job goes through the same admission, journal, queue and metrics as MQTT.
+The HTTP server's handlers await these on the agent's loop, so every HTTP job goes through the
+same admission, journal, queue and metrics as MQTT.
 """
 
 from __future__ import annotations

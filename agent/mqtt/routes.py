@@ -25,6 +25,7 @@ from agent.jobs.requests import (
     RequestError,
     parse_cancel,
     parse_generate,
+    readable_id,
 )
 from agent.mqtt.link import Acknowledgement
 
@@ -128,6 +129,7 @@ class Requests:
         error = RequestError(
             ErrorCode.RETAINED_REQUEST,
             "requests must not be retained (they would run again at every reconnect)",
+            job_id=readable_id(message.payload, self.settings.max_payload_bytes),
         )
         self.refuse(error, message, api)
 
@@ -215,20 +217,43 @@ class MqttRoutes:
         self._requests.admit(message, ack, lambda: again, api="mqtt")
 
     def cancel(self, message: Inbound, ack: Acknowledgement) -> None:
-        """``<base>/cancel``: ``{"id": ...}`` of a queued or running job."""
+        """``<base>/cancel``: ``{"id": ...}`` of a queued or running job.
+
+        Refused when retained, like a request: a retained cancel would cancel that id again
+        at every reconnect, a later job of the same id included.
+        """
         try:
-            job_id = parse_cancel(message.payload, self._settings.max_payload_bytes)
+            job_id = self._cancelled_id(message)
         except RequestError as exc:
-            self._requests.outbox.error(None, exc.code, exc.message)
+            self._requests.admission.refuse(exc, "mqtt")
+            self._requests.outbox.cancel_error(exc.job_id, exc.code, exc.message)
         else:
-            self._background.spawn(self._cancel(job_id), f"cancel-{job_id}")
+            if job_id is not None:
+                self._background.spawn(self._cancel(job_id), f"cancel-{job_id}")
         finally:
             ack()
 
+    def _cancelled_id(self, message: Inbound) -> str | None:
+        """Return the id a cancel names; None for an empty retained message (a clearing).
+
+        Raises:
+            RequestError: The cancel is retained or malformed; the id in it, if readable.
+        """
+        limit = self._settings.max_payload_bytes
+        if not message.retain:
+            return parse_cancel(message.payload, limit)
+        if not message.payload:
+            return None
+        raise RequestError(
+            ErrorCode.RETAINED_REQUEST,
+            "cancels must not be retained (they would apply again at every reconnect)",
+            job_id=readable_id(message.payload, limit),
+        )
+
     async def _cancel(self, job_id: str) -> None:
         if not await self._requests.admission.cancel(job_id):
-            self._requests.outbox.error(
-                None, ErrorCode.UNKNOWN_JOB, f"no queued or running job has the id {job_id}"
+            self._requests.outbox.cancel_error(
+                job_id, ErrorCode.UNKNOWN_JOB, f"no queued or running job has the id {job_id}"
             )
 
     def home_assistant_status(self, message: Inbound, ack: Acknowledgement) -> None:

@@ -59,11 +59,23 @@ class ServiceSettings(BaseModel):
         "default http://<hostname>:<http_port>.",
     )
 
+    http_idle_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="An HTTP connection that sends no complete request within this (after it "
+        "opens, or after its last answer) is closed; a request body still arriving after it is "
+        "refused (408).",
+    )
+    http_frame_ancestors: list[str] = Field(
+        default_factory=list,
+        description="Origins besides the page's own that may show it in a frame "
+        "(Content-Security-Policy frame-ancestors), e.g. http://homeassistant.local:8123.",
+    )
     api_token: SecretStr | None = Field(
         default=None,
-        description="The token creating or cancelling a job over HTTP needs (Authorization: "
-        "Bearer, HTTP Basic password, or ?token=); unset: one generated on first start into "
-        "<state_dir>/api-token.",
+        description="The token jobs and the APIs need over HTTP (Authorization: Bearer, or the "
+        "HTTP Basic password); unset: one generated on first start into <state_dir>/api-token.",
     )
     http_auth: bool = Field(
         default=True,

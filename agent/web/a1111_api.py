@@ -25,7 +25,6 @@ from agent.web.routing import Access, Request, Response, Routes, json_body
 
 if TYPE_CHECKING:
     from agent.jobs.service import JobService
-    from agent.web.routing import LoopCalls
 
 NOT_SWITCHING = "switching models is not supported: this agent serves {model}"
 
@@ -60,10 +59,9 @@ class Txt2ImgRequest(BaseModel):
 class A1111Api:
     """AUTOMATIC1111's endpoints."""
 
-    def __init__(self, generation: Generation, *, calls: LoopCalls, jobs: JobService) -> None:
+    def __init__(self, generation: Generation, *, jobs: JobService) -> None:
         """Answer through ``generation``; progress and interruptions through ``jobs``."""
         self._generation = generation
-        self._calls = calls
         self._jobs = jobs
         self._errors = A1111Errors()
         model = generation.settings.model
@@ -85,15 +83,15 @@ class A1111Api:
             ("GET", "/sdapi/v1/progress", self.progress),
             ("POST", "/sdapi/v1/interrupt", self.interrupt),
         ):
-            routes.add(method, path, handler, access=Access.WRITE, shape=self._errors)
+            routes.add(method, path, handler, access=Access.TOKEN, shape=self._errors)
 
-    def options(self, _request: Request) -> Response:
+    async def options(self, _request: Request) -> Response:
         """``GET /sdapi/v1/options``: the checkpoint in use."""
         return Response.json(
             200, {"sd_model_checkpoint": self.title, "sd_checkpoint_hash": self.model_hash}
         )
 
-    def set_options(self, request: Request) -> Response:
+    async def set_options(self, request: Request) -> Response:
         """``POST /sdapi/v1/options``: accepted; a different checkpoint is not loaded."""
         try:
             options = json_body(request)
@@ -111,7 +109,7 @@ class A1111Api:
             },
         )
 
-    def sd_models(self, _request: Request) -> Response:
+    async def sd_models(self, _request: Request) -> Response:
         """``GET /sdapi/v1/sd-models``: the one checkpoint."""
         model = self._generation.settings.model
         return Response.json(
@@ -128,9 +126,9 @@ class A1111Api:
             ],
         )
 
-    def progress(self, _request: Request) -> Response:
+    async def progress(self, _request: Request) -> Response:
         """``GET /sdapi/v1/progress``: how far the running job is, as clients poll it."""
-        now = self._calls.call(self._jobs.progress())
+        now = await self._jobs.progress()
         running = bool(now.get("job"))
         return Response.json(
             200,
@@ -152,14 +150,14 @@ class A1111Api:
             },
         )
 
-    def interrupt(self, _request: Request) -> Response:
+    async def interrupt(self, _request: Request) -> Response:
         """``POST /sdapi/v1/interrupt``: stop the running job after its current step."""
-        now = self._calls.call(self._jobs.progress())
+        now = await self._jobs.progress()
         if now.get("job"):
-            self._calls.call(self._jobs.cancel(now["job"]))
+            await self._jobs.cancel(now["job"])
         return Response.json(200, None)
 
-    def txt2img(self, request: Request) -> Response:
+    async def txt2img(self, request: Request) -> Response:
         """``POST /sdapi/v1/txt2img``: bare base64 PNGs, the parameters, and info with the seeds."""
         try:
             body = self._parse(request)
@@ -179,7 +177,7 @@ class A1111Api:
             specs = self._generation.specs(
                 {key: value for key, value in fields.items() if value is not None}, count
             )
-            pictures = self._generation.run(specs, api="a1111")
+            pictures = await self._generation.run(specs, api="a1111")
         except ApiError as exc:
             param = "cfg_scale" if exc.param == "guidance_scale" else exc.param
             return self._errors.error(exc.status, exc.code, exc.message, param)

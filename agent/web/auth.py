@@ -1,10 +1,13 @@
-"""The API token: who may create jobs and read images over HTTP.
+"""The API token: who may use jobs and the APIs, and read images, over HTTP.
 
 Secure by default: without ``api_token`` the agent generates one on first start into its state
-folder (mode 0600, like the broker's passwords), and creating or cancelling jobs needs it.
-Clients present it as they are used to: ``Authorization: Bearer <token>`` (OpenAI SDKs, curl,
-the page), HTTP Basic with the token as the password (what Open WebUI sends for
-``AUTOMATIC1111_API_AUTH``, any user name), or ``?token=`` (the page's first visit, links).
+folder (mode 0600, like the broker's passwords), and every job route and API needs it. An empty
+token is never "no authentication": an empty ``api_token`` stops the start with a message, and
+an empty token file (what a full disk leaves) is replaced by a new token, or stops the start
+when it cannot be written. Clients present the token as they are used to: ``Authorization:
+Bearer <token>`` (OpenAI SDKs, curl, the page) or HTTP Basic with the token as the password
+(what Open WebUI sends for ``AUTOMATIC1111_API_AUTH``, any user name). Never in a URL: URLs end
+up in histories, logs and shared links.
 
 Image URLs the agent hands out (results, ``<base>/image/url``, the gallery) carry a signature
 that opens that one image: Home Assistant's image entity fetches them with no token, and a name
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -22,10 +26,12 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
+from agent.settings import SettingsError
 from agent.web.routing import Access
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from pathlib import Path
 
     from agent.settings import Settings
 
@@ -33,10 +39,16 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_CHARS = 32
 """Hex characters of an image URL's signature (128 bits)."""
+TOKEN_BYTES = 24
+"""Random bytes of a generated token (192 bits; 32 URL-safe characters)."""
 
 
 def agent_token(settings: Settings) -> str | None:
-    """Return the token HTTP clients need, creating it on first start; None when auth is off."""
+    """Return the token HTTP clients need, creating it on first start; None when auth is off.
+
+    Raises:
+        SettingsError: The token is set but empty, or its file can be neither read nor written.
+    """
     if not settings.http_auth:
         log.warning(
             "HTTP authentication is off (EDGEAI_HTTP_AUTH=false): anyone who reaches port %d "
@@ -45,27 +57,58 @@ def agent_token(settings: Settings) -> str | None:
         )
         return None
     if settings.api_token is not None:
-        return settings.api_token.get_secret_value()
+        token = settings.api_token.get_secret_value().strip()
+        if not token:
+            raise SettingsError(
+                "api_token is set but empty; set a token, or unset EDGEAI_API_TOKEN to have one "
+                "generated (EDGEAI_HTTP_AUTH=false turns authentication off)"
+            )
+        return token
     path = settings.api_token_path
     try:
-        return path.read_text(encoding="ascii").strip()
+        token = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w", encoding="ascii") as file:
-        file.write(token + "\n")
+        token = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read the API token file {path}: {exc}") from exc
+    else:
+        if token:
+            return token
+        log.warning("the API token file %s is empty; generating a new token", path)
+    return _write_new_token(path)
+
+
+def _write_new_token(path: Path) -> str:
+    """Write a new token to ``path`` (0600) in one rename: never half a file, never an empty one.
+
+    Raises:
+        SettingsError: It cannot be written (a full disk, a read-only folder).
+    """
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as file:
+            file.write(token + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise SettingsError(
+            f"cannot write the API token to {path}: {exc}; free some space or set EDGEAI_API_TOKEN"
+        ) from exc
     log.info("generated the API token into %s", path)
     return token
 
 
-def offered_token(headers: Mapping[str, str], query: Mapping[str, list[str]]) -> str | None:
-    """Return the token a request presents, however it presents it, or None.
+def offered_token(headers: Mapping[str, str]) -> str | None:
+    """Return the token a request presents in its Authorization header, or None.
 
     Args:
         headers: The request's headers, names in lower case.
-        query: The request's query parameters.
     """
     authorization = headers.get("authorization") or ""
     scheme, _, credentials = authorization.partition(" ")
@@ -78,7 +121,7 @@ def offered_token(headers: Mapping[str, str], query: Mapping[str, list[str]]) ->
             return None
         _user, _, password = decoded.partition(":")
         return password
-    return query.get("token", [""])[0] or None
+    return None
 
 
 class UrlSigner:
@@ -96,16 +139,23 @@ class UrlSigner:
         return digest.hexdigest()[:SIGNATURE_CHARS]
 
     def valid(self, name: str, signature: str) -> bool:
-        """Return whether ``signature`` is the one of ``name``."""
+        """Return whether ``signature`` is the one of ``name`` (any text: compared as bytes)."""
         expected = self.signature(name)
-        return expected is not None and hmac.compare_digest(expected, signature)
+        offered = signature.encode("utf-8", "surrogateescape")
+        return expected is not None and hmac.compare_digest(expected.encode(), offered)
 
 
 class TokenGate:
     """Decides, per route, whether a request may go on."""
 
     def __init__(self, token: str | None, *, public_images: bool, signer: UrlSigner) -> None:
-        """Require ``token`` (None: nobody needs one); ``public_images`` opens image reads."""
+        """Require ``token`` (None: nobody needs one); ``public_images`` opens image reads.
+
+        Raises:
+            ValueError: ``token`` is empty: that would let every request through.
+        """
+        if token is not None and not token:
+            raise ValueError("an empty token would let anyone in")
         self._token = token
         self._public_images = public_images
         self._signer = signer
@@ -120,11 +170,11 @@ class TokenGate:
         """Return whether a request with these headers, query and path parameters may go on."""
         if self._token is None or access is Access.OPEN:
             return True
-        if access is Access.READ:
-            if self._public_images:
-                return True
+        if access in (Access.IMAGE, Access.GALLERY) and self._public_images:
+            return True
+        if access is Access.IMAGE:
             name, signature = params.get("name"), query.get("sig", [""])[0]
             if name and signature and self._signer.valid(name, signature):
                 return True
-        offered = offered_token(headers, query) or ""
-        return hmac.compare_digest(offered.encode(), self._token.encode())
+        offered = (offered_token(headers) or "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(offered, self._token.encode())

@@ -8,10 +8,10 @@ nothing: its jobs run, are journaled and announced on MQTT like any other.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from agent.jobs.requests import JobSpec
     from agent.jobs.service import JobService
     from agent.settings import Settings
-    from agent.web.routing import LoopCalls, Request
+    from agent.web.routing import Request
 
 STATUS_OF = {
     ErrorCode.BUSY: 429,
@@ -72,10 +72,9 @@ class Picture:
 class Generation:
     """Admits a request's images as jobs and waits for them."""
 
-    def __init__(self, *, settings: Settings, calls: LoopCalls, jobs: JobService) -> None:
-        """Generate through ``jobs`` on the agent's loop."""
+    def __init__(self, *, settings: Settings, jobs: JobService) -> None:
+        """Generate through ``jobs``."""
         self.settings = settings
-        self._calls = calls
         self._jobs = jobs
 
     def check_count(self, count: int, param: str) -> None:
@@ -109,7 +108,7 @@ class Generation:
         except RequestError as exc:
             raise ApiError.of(exc) from exc
 
-    def run(self, specs: list[JobSpec], *, api: str) -> list[Picture]:
+    async def run(self, specs: list[JobSpec], *, api: str) -> list[Picture]:
         """Admit every job, then wait for each image, all within ``api_wait_s``.
 
         Raises:
@@ -120,23 +119,22 @@ class Generation:
         for spec in specs:
             fingerprint = hashlib.sha256(spec.id.encode()).hexdigest()
             try:
-                self._calls.call(
-                    self._jobs.submit(
+                # The admitted job: its image key is given on admission.
+                admitted.append(
+                    await self._jobs.submit(
                         functools.partial(_same, spec), fingerprint=fingerprint, api=api
                     )
                 )
             except RequestError as exc:
                 for earlier in admitted:
-                    self._calls.call(self._jobs.cancel(earlier.id))
+                    await self._jobs.cancel(earlier.id)
                 raise ApiError.of(exc) from exc
-            admitted.append(spec)
-        deadline = time.monotonic() + self.settings.api_wait_s
+        deadline = asyncio.get_running_loop().time() + self.settings.api_wait_s
         pictures = []
         for spec in admitted:
             try:
-                reply = self._calls.call(
-                    self._jobs.result(spec.id), timeout=max(deadline - time.monotonic(), 0.0)
-                )
+                async with asyncio.timeout_at(deadline):
+                    reply = await self._jobs.result(spec.id)
             except TimeoutError as exc:
                 message = (
                     f"the image is not ready after {self.settings.api_wait_s:.0f} s; it goes on"
@@ -147,7 +145,7 @@ class Generation:
                 error = reply["error"]
                 code = ErrorCode(error["code"])
                 raise ApiError(STATUS_OF.get(code, 500), code.value, error["message"])
-            data = self._calls.call(self._jobs.image(spec))
+            data = await self._jobs.image(spec)
             pictures.append(Picture(spec, reply, data))
         return pictures
 

@@ -76,9 +76,9 @@ class OpenAIApi:
             ("/v1/models", self.models),
             ("/v1/models/(?P<model>.+)", self.model),
         ):
-            routes.add("GET", path, handler, access=Access.WRITE, shape=self._errors)
+            routes.add("GET", path, handler, access=Access.TOKEN, shape=self._errors)
         routes.add(
-            "POST", "/v1/images/generations", self.generate, access=Access.WRITE, shape=self._errors
+            "POST", "/v1/images/generations", self.generate, access=Access.TOKEN, shape=self._errors
         )
 
     def _model_entry(self) -> dict[str, object]:
@@ -89,16 +89,16 @@ class OpenAIApi:
             "owned_by": "edgeai-agent",
         }
 
-    def models(self, _request: Request) -> Response:
+    async def models(self, _request: Request) -> Response:
         """``GET /v1/models``: the one loaded model."""
         return Response.json(200, {"object": "list", "data": [self._model_entry()]})
 
-    def model(self, request: Request) -> Response:
+    async def model(self, request: Request) -> Response:
         """``GET /v1/models/<id>``: the loaded model, whatever id is asked for."""
         del request
         return Response.json(200, self._model_entry())
 
-    def generate(self, request: Request) -> Response:
+    async def generate(self, request: Request) -> Response:
         """``POST /v1/images/generations``."""
         try:
             body = self._parse(request)
@@ -120,7 +120,7 @@ class OpenAIApi:
             specs = self._generation.specs(
                 {key: value for key, value in fields.items() if value is not None}, count
             )
-            pictures = self._generation.run(specs, api="openai")
+            pictures = await self._generation.run(specs, api="openai")
         except ApiError as exc:
             return self._errors.error(exc.status, exc.code, exc.message, _openai_param(exc.param))
         data = []

@@ -1,13 +1,14 @@
 """The web page and its JSON API: static files, jobs, event streams, the gallery.
 
-Every call into the agent crosses to the event loop (:class:`~agent.web.routing.LoopCalls`), so
-the page uses the very same admission, journal, queue and metrics as MQTT clients.
+The handlers run on the agent's loop and call the jobs directly, so the page uses the very same
+admission, journal, queue and metrics as MQTT clients.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
-import queue
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +24,10 @@ from agent.web.routing import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import AsyncGenerator
 
     from agent.jobs.events import JobEvents
     from agent.jobs.service import JobService
-    from agent.web.routing import LoopCalls
 
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -49,11 +49,10 @@ ERROR_STATUS = {
 
 
 class PageApi:
-    """Answers the page's requests; shared by the HTTP server's threads."""
+    """Answers the page's requests."""
 
-    def __init__(self, *, calls: LoopCalls, jobs: JobService, events: JobEvents) -> None:
+    def __init__(self, *, jobs: JobService, events: JobEvents) -> None:
         """Create the API over the agent's jobs and their event fan-out."""
-        self._calls = calls
         self._jobs = jobs
         self._events = events
 
@@ -62,59 +61,57 @@ class PageApi:
         shape = ContractErrors()
         for path in STATIC_FILES:
             routes.add("GET", path, self.static, access=Access.OPEN, shape=shape)
-        routes.add("POST", "/api/jobs", self.create, access=Access.WRITE, shape=shape)
-        routes.add("GET", "/api/images", self.gallery, access=Access.READ, shape=shape)
-        routes.add("GET", JOB, self.status, access=Access.OPEN, shape=shape)
-        routes.add("GET", JOB + "/events", self.stream, access=Access.READ, shape=shape)
-        routes.add("POST", JOB + "/cancel", self.cancel, access=Access.WRITE, shape=shape)
+        routes.add("POST", "/api/jobs", self.create, access=Access.TOKEN, shape=shape)
+        routes.add("GET", "/api/images", self.gallery, access=Access.GALLERY, shape=shape)
+        routes.add("GET", JOB, self.status, access=Access.TOKEN, shape=shape)
+        routes.add("GET", JOB + "/events", self.stream, access=Access.TOKEN, shape=shape)
+        routes.add("POST", JOB + "/cancel", self.cancel, access=Access.TOKEN, shape=shape)
 
     @staticmethod
-    def static(request: Request) -> Response:
-        """A file of the page."""
+    async def static(request: Request) -> Response:
+        """A file of the page (read once per start: the package does not change under it)."""
         name, content_type = STATIC_FILES[request.path]
-        return Response(
-            200, content_type, resources.files("agent.web.page").joinpath(name).read_bytes()
-        )
+        return Response(200, content_type, _page_file(name))
 
-    def create(self, request: Request) -> Response:
+    async def create(self, request: Request) -> Response:
         """``POST /api/jobs``: a request as JSON, the same fields as over MQTT."""
         try:
-            return Response.json(202, self._calls.call(self._jobs.submit_page(request.body)))
+            return Response.json(202, await self._jobs.submit_page(request.body))
         except RequestError as exc:
             return Response.json(
                 ERROR_STATUS.get(exc.code, 400), error_body(exc.job_id, exc.code, exc.message)
             )
 
-    def status(self, request: Request) -> Response:
+    async def status(self, request: Request) -> Response:
         """``GET /api/jobs/<id>``: where a job stands, and its reply once it has one."""
         job_id = request.params["id"]
-        found = self._calls.call(self._jobs.status(job_id))
+        found = await self._jobs.status(job_id)
         return Response.json(200, found) if found is not None else not_found_json(job_id)
 
-    def cancel(self, request: Request) -> Response:
+    async def cancel(self, request: Request) -> Response:
         """``POST /api/jobs/<id>/cancel``."""
         job_id = request.params["id"]
-        if self._calls.call(self._jobs.cancel(job_id)):
+        if await self._jobs.cancel(job_id):
             return Response.json(202, {"id": job_id, "cancelling": True})
         return not_found_json(job_id)
 
-    def gallery(self, _request: Request) -> Response:
+    async def gallery(self, _request: Request) -> Response:
         """``GET /api/images``: the newest images, newest first."""
-        return Response.json(200, {"images": self._calls.call(self._jobs.gallery(GALLERY_SIZE))})
+        return Response.json(200, {"images": await self._jobs.gallery(GALLERY_SIZE)})
 
-    def stream(self, request: Request) -> Response | Stream:
+    async def stream(self, request: Request) -> Response | Stream:
         """``GET /api/jobs/<id>/events``: server-sent events until the job ends."""
         job_id = request.params["id"]
         listened = self._events.listen(job_id)
-        snapshot = self._calls.call(self._jobs.status(job_id))
+        snapshot = await self._jobs.status(job_id)
         if snapshot is None:
             self._events.stop(job_id, listened)
             return NOT_FOUND
         return Stream("text/event-stream", self._chunks(job_id, listened, snapshot))
 
-    def _chunks(
-        self, job_id: str, listened: queue.Queue[dict[str, Any]], snapshot: dict[str, Any]
-    ) -> Generator[bytes, None, None]:
+    async def _chunks(
+        self, job_id: str, listened: asyncio.Queue[dict[str, Any]], snapshot: dict[str, Any]
+    ) -> AsyncGenerator[bytes, None]:
         try:
             yield sse("status", snapshot)
             if snapshot["status"] == "done":
@@ -122,17 +119,23 @@ class PageApi:
             waited = 0.0
             while waited < STREAM_MAX_S:
                 try:
-                    event = listened.get(timeout=STREAM_KEEPALIVE_S)
-                except queue.Empty:
+                    async with asyncio.timeout(STREAM_KEEPALIVE_S):
+                        event = await listened.get()
+                except TimeoutError:
                     waited += STREAM_KEEPALIVE_S
                     yield b": keepalive\n\n"
                     continue
                 yield sse("job", event)
                 if event["event"] in TERMINAL_EVENTS:
-                    yield sse("status", self._calls.call(self._jobs.status(job_id)))
+                    yield sse("status", await self._jobs.status(job_id))
                     return
         finally:
             self._events.stop(job_id, listened)
+
+
+@functools.cache
+def _page_file(name: str) -> bytes:
+    return resources.files("agent.web.page").joinpath(name).read_bytes()
 
 
 def sse(event: str, data: object) -> bytes:

@@ -1,36 +1,36 @@
 """Requests, responses and the route table every HTTP API of the agent registers into.
 
-Each route names who may use it (anyone, token holders for reads, token holders for writes)
-and the error shape its API speaks (the MQTT error body, OpenAI's, AUTOMATIC1111's), so the
-server refuses an unauthorized or oversized request in the words its client expects.
+Each route names who may use it (anyone, holders of an image's signature, token holders) and
+the error shape its API speaks (the MQTT error body, OpenAI's, AUTOMATIC1111's), so the server
+refuses an unauthorized, cross-site or oversized request in the words its client expects.
+Handlers are coroutines on the agent's own event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from agent.jobs.requests import decode_json
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Generator, Mapping
-
-CALL_TIMEOUT_S = 30.0
-"""A quick call into the agent's loop (a lookup, a cancel) answers within this, or fails."""
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 
 
 class Access(Enum):
     """Who may use a route when the agent has an API token."""
 
     OPEN = "open"
-    READ = "read"
-    """Token holders; anyone when images are public."""
-    WRITE = "write"
-    """Token holders only: creating and cancelling jobs."""
+    IMAGE = "image"
+    """An image file: its URL's signature opens it; so does the token; anyone when images are
+    public."""
+    GALLERY = "gallery"
+    """The list of recent images: token holders; anyone when images are public."""
+    TOKEN = "token"  # noqa: S105 - a level of access, not a secret
+    """Token holders only: jobs, their status and events, every API."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Request:
     body: bytes = b""
     params: Mapping[str, str] = field(default_factory=dict)
     """Named groups of the route's path pattern."""
+    remote: str | None = None
+    """The peer's address."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Response:
     status: int
     content_type: str
     body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Headers beyond the ones every answer carries."""
 
     @classmethod
     def json(cls, status: int, data: object) -> Response:
@@ -71,7 +75,7 @@ class Stream:
     """A response sent as it is produced (server-sent events)."""
 
     content_type: str
-    chunks: Generator[bytes, None, None]
+    chunks: AsyncGenerator[bytes, None]
 
 
 NOT_FOUND = Response.text(404, "not found\n")
@@ -94,13 +98,16 @@ class ContractErrors:
         return Response.json(status, body)
 
 
+Handler: TypeAlias = "Callable[[Request], Awaitable[Response | Stream]]"
+
+
 @dataclass(frozen=True)
 class Route:
     """One method and path pattern, its handler, who may use it and how it words errors."""
 
     method: str
     pattern: re.Pattern[str]
-    handler: Callable[[Request], Response | Stream]
+    handler: Handler
     access: Access
     shape: ErrorShape
 
@@ -116,7 +123,7 @@ class Routes:
         self,
         method: str,
         path: str,
-        handler: Callable[[Request], Response | Stream],
+        handler: Handler,
         *,
         access: Access,
         shape: ErrorShape,
@@ -132,26 +139,6 @@ class Routes:
             if match and route.method == wanted:
                 return route, match.groupdict()
         return None
-
-
-class LoopCalls:
-    """Runs coroutines on the agent's loop from the HTTP server's threads."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Call into ``loop``."""
-        self._loop = loop
-
-    def call(self, coroutine: Coroutine[Any, Any, Any], timeout: float = CALL_TIMEOUT_S) -> Any:  # noqa: ANN401 - the coroutine's value
-        """Return the coroutine's value; raise what it raises, or TimeoutError after ``timeout``.
-
-        On a timeout the coroutine is cancelled on the loop.
-        """
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
 
 
 def json_body(request: Request) -> Any:  # noqa: ANN401 - any JSON value

@@ -1,26 +1,32 @@
 """The HTTP server: one port for the page, every API, images, ``/metrics`` and ``/healthz``.
 
-It runs the standard library's threading server in its own thread, so a slow client, a large
-image or a long event stream never holds up the event loop. Every request is matched against the
-route table first; the token and the body's size are checked before the body is read. Image
+aiohttp serves on the agent's own event loop: it does the framing (Content-Length, chunked
+bodies, keep-alive, a body left unread by an early answer), bounds request lines and headers,
+and closes a connection that sends no complete request within the idle timeout. Every request
+is then matched against the route table on its raw, undecoded path; the token, the origin of
+a browser's write and the body's type and size are checked before the body is read. Image
 paths are matched against the exact names the agent writes, before any decoding, and opened
 without following links: nothing else is reachable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import socket
 import stat
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.images import CONTENT_TYPES, FILE_NAME
+from agent.web.origin import cross_site_write, is_json
 from agent.web.routing import (
     NOT_FOUND,
     Access,
@@ -38,184 +44,255 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from agent.web.auth import TokenGate
+    from agent.web.routing import Route
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 3.0
+"""On stop, answers in progress (an event stream, a long download) get this long to end."""
+LISTEN_BACKLOG = 128
+HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+"""Every answer: nothing cached along the way (results and tokens change), no type sniffing."""
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
+)
+"""The page's Content-Security-Policy: its own files only; framed by its own origin (Home
+Assistant's ingress frames it from Home Assistant's origin, which is the page's origin there)
+and by the origins ``http_frame_ancestors`` adds."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Where the server listens, what it accepts and how long it waits."""
+
+    host: str
+    port: int
+    """0 picks a free port."""
+    max_body_bytes: int
+    """Largest request body read; a larger one is refused (413) unread."""
+    idle_timeout_s: float
+    """A connection with no complete request head within this (since it opened, or since its
+    last answer) is closed; a body still arriving after this is refused (408)."""
+    frame_ancestors: tuple[str, ...] = ()
+    """Origins besides the page's own that may frame it."""
 
 
 class AgentHttpServer:
     """Serves the page, the APIs, images, metrics and health on one port."""
 
-    def __init__(self, host: str, port: int, image_dir: Path, registry: CollectorRegistry) -> None:
-        """Bind the server (port 0 picks a free port); :meth:`start` serves.
+    def __init__(
+        self,
+        config: HttpConfig,
+        image_dir: Path,
+        registry: CollectorRegistry,
+        on_refusal: Callable[[str], None] = lambda _reason: None,
+    ) -> None:
+        """Bind the socket now, so that the port is known; :meth:`start` serves.
 
         Args:
-            host: Address to bind.
-            port: Port to bind.
+            config: Address, body size, idle timeout and who may frame the page.
             image_dir: Folder of the images served under ``/images/``.
             registry: Metrics served under ``/metrics``.
+            on_refusal: Called with the reason of each request refused before its handler
+                (one of :data:`agent.metrics.HTTP_REFUSALS`), for the metric.
         """
         self._image_dir = image_dir
         self._registry = registry
+        self._config = config
+        self._on_refusal = on_refusal
         self._health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (False, {})
-        self.routes = Routes()
-        self.max_body_bytes = 0
         self._gate: TokenGate | None = None
+        self._runner: web.AppRunner | None = None
+        ancestors = " ".join(("'self'", *config.frame_ancestors))
+        self._page_policy = PAGE_POLICY.format(ancestors=ancestors)
+        self.routes = Routes()
         plain = ContractErrors()
         self.routes.add("GET", "/metrics", self.metrics, access=Access.OPEN, shape=plain)
         self.routes.add("GET", "/healthz", self.healthz, access=Access.OPEN, shape=plain)
         image = "/images/(?P<name>[^/]*)"
-        self.routes.add("GET", image, self.image, access=Access.READ, shape=plain)
-        handler = type("Handler", (RequestHandler,), {"agent_server": self})
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self.routes.add("GET", image, self.image, access=Access.IMAGE, shape=plain)
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        address = (config.host, config.port)
+        self._socket = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+        self.port: int = self._socket.getsockname()[1]
 
-    def start(
-        self,
-        health: Callable[[], tuple[bool, dict[str, Any]]],
-        gate: TokenGate,
-        max_body_bytes: int,
+    async def start(
+        self, health: Callable[[], tuple[bool, dict[str, Any]]], gate: TokenGate
     ) -> None:
-        """Serve in a background thread, once the APIs have added their routes.
+        """Serve on the running loop, once the APIs have added their routes.
 
         Args:
             health: Returns (healthy, details) for ``/healthz``.
             gate: Decides who may use which route.
-            max_body_bytes: Largest request body read; a larger one is refused unread.
         """
         self._health = health
         self._gate = gate
-        self.max_body_bytes = max_body_bytes
-        self._thread.start()
+        app = web.Application(client_max_size=self._config.max_body_bytes)
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            logger=MalformedRequestLog(log, self._on_refusal),
+            keepalive_timeout=self._config.idle_timeout_s,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._socket, shutdown_timeout=SHUTDOWN_GRACE_S).start()
 
-    def stop(self) -> None:
-        """Stop serving and close the socket (blocks briefly: call it off the loop)."""
-        self._server.shutdown()
-        self._server.server_close()
+    async def stop(self) -> None:
+        """Stop taking connections, give answers in progress a moment, close the socket."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._socket.close()
 
-    def dispatch(
-        self, method: str, target: str, headers: dict[str, str], read: Callable[[int], bytes]
-    ) -> Response | Stream:
-        """Answer one request: route, token, body size, then the route's handler.
-
-        Args:
-            method: GET, HEAD or POST.
-            target: The request target (path and query), undecoded.
-            headers: The request's headers, names in lower case.
-            read: Reads that many bytes of the body.
-        """
-        split = urlsplit(target)
-        found = self.routes.find(method, split.path)
+    async def _handle(self, raw: web.Request) -> web.StreamResponse:
+        """Answer one request: route, token, origin, body, then the route's handler."""
+        # The raw target: routes and image names are matched before any decoding.
+        split = urlsplit(raw.raw_path)
+        found = self.routes.find(raw.method, split.path)
         if found is None:
-            return NOT_FOUND
+            return self._send(NOT_FOUND)
         route, params = found
+        headers = {name.lower(): value for name, value in raw.headers.items()}
         query = parse_qs(split.query)
+        refusal = self._refusal(raw, route, headers, query, params)
+        if refusal is not None:
+            return self._send(refusal, close=raw.body_exists)
+        body = b""
+        if route.method == "POST" and raw.body_exists:
+            try:
+                async with asyncio.timeout(self._config.idle_timeout_s):
+                    body = await raw.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._send(self._too_large(route), close=True)
+            except TimeoutError:
+                self._on_refusal("body_timeout")
+                message = f"the body did not arrive within {self._config.idle_timeout_s:g} s"
+                return self._send(route.shape.error(408, "timeout", message), close=True)
+        request = Request(raw.method, split.path, query, headers, body, params, remote=raw.remote)
+        try:
+            answer = await route.handler(request)
+        except Exception as exc:  # a request must never go unanswered, even on a bug
+            log.exception("unexpected error while serving %s %s", raw.method, split.path)
+            answer = route.shape.error(500, "internal_error", f"internal error: {exc}")
+        if isinstance(answer, Stream):
+            return await self._stream(raw, answer)
+        # A GET's body is never read: close rather than drain it.
+        return self._send(answer, close=raw.body_exists and not body)
+
+    def _refusal(
+        self,
+        raw: web.Request,
+        route: Route,
+        headers: dict[str, str],
+        query: dict[str, list[str]],
+        params: dict[str, str],
+    ) -> Response | None:
+        """Return the answer to a request refused before its body is read, or None."""
         if self._gate is None or not self._gate.allows(route.access, headers, query, params):
-            return route.shape.error(401, "unauthorized", "this needs the API token")
-        length = int(headers.get("content-length") or 0)
-        if length > self.max_body_bytes:
-            message = f"the body is over {self.max_body_bytes} bytes"
-            return route.shape.error(413, "payload_too_large", message)
-        request = Request(
-            method, split.path, query, headers, read(length) if length else b"", params
+            self._on_refusal("unauthorized")
+            refused = route.shape.error(401, "unauthorized", "this needs the API token")
+            return _with(refused, {"WWW-Authenticate": 'Bearer realm="edgeai-agent"'})
+        if raw.content_length is not None and raw.content_length > self._config.max_body_bytes:
+            return self._too_large(route)
+        if route.method == "POST" and cross_site_write(headers):
+            self._on_refusal("cross_site")
+            message = "a request from another site's page may not change anything here"
+            return route.shape.error(403, "cross_site", message)
+        if route.method != "POST":
+            return None
+        if raw.body_exists and not is_json(headers.get("content-type", "")):
+            self._on_refusal("unsupported_media_type")
+            message = "send the body as JSON, with Content-Type: application/json"
+            return route.shape.error(415, "unsupported_media_type", message)
+        return None
+
+    def _too_large(self, route: Route) -> Response:
+        self._on_refusal("payload_too_large")
+        message = f"the body is over {self._config.max_body_bytes} bytes"
+        return route.shape.error(413, "payload_too_large", message)
+
+    def _send(self, answer: Response, *, close: bool = False) -> web.StreamResponse:
+        headers = {**HEADERS, "Content-Type": answer.content_type, **answer.headers}
+        if answer.content_type.startswith("text/html"):
+            headers["Content-Security-Policy"] = self._page_policy
+            headers["Referrer-Policy"] = "no-referrer"
+        response = web.Response(status=answer.status, body=answer.body, headers=headers)
+        if close:
+            # The body was left unread: aiohttp would drain it; closing costs the client less.
+            response.force_close()
+        return response
+
+    async def _stream(self, raw: web.Request, stream: Stream) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=200, headers={**HEADERS, "Content-Type": stream.content_type}
         )
         try:
-            return route.handler(request)
-        except Exception as exc:  # a request must never go unanswered, even on a bug
-            log.exception("unexpected error while serving %s %s", method, split.path)
-            return route.shape.error(500, "internal_error", f"internal error: {exc}")
+            await response.prepare(raw)
+            async for chunk in stream.chunks:
+                await response.write(chunk)
+        except (ConnectionResetError, ConnectionError):
+            log.debug("a stream was closed by the client")
+        finally:
+            await stream.chunks.aclose()
+        return response
 
     # --- the server's own routes
-    def metrics(self, _request: Request) -> Response:
-        """``/metrics``."""
-        return Response(200, CONTENT_TYPE_LATEST, generate_latest(self._registry))
+    async def metrics(self, _request: Request) -> Response:
+        """``/metrics`` (collected off the loop: collectors read files and run vcgencmd)."""
+        text = await asyncio.to_thread(generate_latest, self._registry)
+        return Response(200, CONTENT_TYPE_LATEST, text)
 
-    def healthz(self, _request: Request) -> Response:
+    async def healthz(self, _request: Request) -> Response:
         """``/healthz``: 200 when healthy, else 503."""
         healthy, details = self._health()
         return Response(200 if healthy else 503, "application/json", json.dumps(details).encode())
 
-    def image(self, request: Request) -> Response:
+    async def image(self, request: Request) -> Response:
         """``/images/<name>``, for names the agent writes only; never through a link."""
         name = request.params["name"]
         # The raw, undecoded name must be one the agent writes: %2e, %2f, %00 and ../ fail here.
         if not FILE_NAME.match(name):
             return NOT_FOUND
+        data = await asyncio.to_thread(self._read_image, name)
+        if data is None:
+            return NOT_FOUND
+        return Response(200, CONTENT_TYPES[name.rsplit(".", 1)[1]], data)
+
+    def _read_image(self, name: str) -> bytes | None:
         try:
             descriptor = os.open(self._image_dir / name, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
-            return NOT_FOUND
+            return None
         with os.fdopen(descriptor, "rb") as file:
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                return NOT_FOUND
-            data = file.read()
-        return Response(200, CONTENT_TYPES[name.rsplit(".", 1)[1]], data)
+                return None
+            return file.read()
 
 
-class RequestHandler(BaseHTTPRequestHandler):
-    """One connection's requests, each answered by :meth:`AgentHttpServer.dispatch`."""
+class MalformedRequestLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log, with requests too malformed to parse as one counted debug line.
 
-    server_version = "edgeai-agent"
-    protocol_version = "HTTP/1.1"
-    agent_server: AgentHttpServer
+    aiohttp answers them 400 itself and logs each with a traceback at ERROR: any client could
+    fill the log that way. Every other error keeps its traceback.
+    """
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002, ANN401 - stdlib signature
-        """Log each request at debug level (the stdlib writes them to stderr)."""
-        log.debug("%s %s", self.address_string(), format % args)
+    def __init__(self, logger: logging.Logger, on_refusal: Callable[[str], None]) -> None:
+        """Log to ``logger``; count each malformed request through ``on_refusal``."""
+        super().__init__(logger)
+        self._on_refusal = on_refusal
 
-    def do_HEAD(self) -> None:
-        """A GET without its body."""
-        self._serve(head=True)
-
-    def do_GET(self) -> None:
-        """Any GET route."""
-        self._serve()
-
-    def do_POST(self) -> None:
-        """Any POST route."""
-        self._serve()
-
-    def _serve(self, *, head: bool = False) -> None:
-        answer = self.agent_server.dispatch(
-            self.command,
-            self.path,
-            {name.lower(): value for name, value in self.headers.items()},
-            self.rfile.read,
-        )
-        if isinstance(answer, Stream):
-            self._stream(answer)
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:  # noqa: ANN401 - logging's signature
+        """Log an error; a malformed request is counted and logged at debug, without traceback."""
+        error = kwargs.get("exc_info")
+        if isinstance(error, HttpProcessingError):
+            self._on_refusal("malformed")
+            self.logger.debug("refused a malformed request (%s)", error.message)
             return
-        if answer.status == 413:
-            self.close_connection = True  # the body was left unread
-        self._send(answer, head=head)
+        super().exception(msg, *args, **kwargs)
 
-    def _stream(self, stream: Stream) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", stream.content_type)
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        try:
-            for chunk in stream.chunks:
-                self.wfile.write(chunk)
-                self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            log.debug("a stream was closed by the client")
-        finally:
-            stream.chunks.close()
 
-    def _send(self, response: Response, *, head: bool = False) -> None:
-        try:
-            self.send_response(response.status)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.end_headers()
-            if not head:
-                self.wfile.write(response.body)
-        except (BrokenPipeError, ConnectionResetError):
-            # The client hung up while waiting: its job ran and was journaled regardless.
-            log.debug("the client closed the connection before its answer")
+def _with(response: Response, headers: dict[str, str]) -> Response:
+    return Response(response.status, response.content_type, response.body, headers)

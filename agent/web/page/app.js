@@ -17,9 +17,17 @@ const TOKEN_KEY = "edgeai-token";
 })();
 
 function token() { return localStorage.getItem(TOKEN_KEY) || ""; }
-function withToken(url) {
-  const t = token();
-  return t ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(t) : url;
+
+// An image URL the agent handed out, made relative to this page: the file name and its
+// signature (?sig=), which opens that one image. The token itself never goes into a URL.
+// Relative, so that the page works under a path prefix (Home Assistant's ingress).
+function imageAddress(url) {
+  const parsed = new URL(url, window.location.href);
+  return "images/" + parsed.pathname.split("/").pop() + parsed.search;
+}
+
+function authorization() {
+  return token() ? { Authorization: "Bearer " + token() } : {};
 }
 
 function showError(message) {
@@ -29,8 +37,7 @@ function showError(message) {
 
 async function api(method, path, body) {
   for (let attempt = 0; attempt < 2; attempt++) {
-    const headers = { "Content-Type": "application/json" };
-    if (token()) headers.Authorization = "Bearer " + token();
+    const headers = { "Content-Type": "application/json", ...authorization() };
     const response = await fetch(path, { method, headers, body: body && JSON.stringify(body) });
     if (response.status === 401 && attempt === 0) {
       const entered = window.prompt("This agent needs its API token:");
@@ -83,37 +90,69 @@ function showResult(reply) {
     showError(reply.error ? reply.error.message + " (" + reply.error.code + ")" : "the job failed");
     return;
   }
-  const url = new URL(reply.image.url).pathname;
-  $("result-image").src = withToken(url);
+  const address = imageAddress(reply.image.url);
+  $("result-image").src = address;
   const timings = reply.timings;
   $("result-info").textContent =
     "seed " + reply.seed + " · " + reply.width + "x" + reply.height + " · " +
     timings.total_s.toFixed(2) + " s (generation " + timings.generation_s.toFixed(2) +
     " s, queue " + timings.queue_wait_s.toFixed(2) + " s)";
-  $("download").href = withToken(url);
-  $("download").setAttribute("download", url.split("/").pop());
+  $("download").href = address;
+  $("download").setAttribute("download", address.split("?")[0].split("/").pop());
   $("result").hidden = false;
   $("result").dataset.jobId = reply.id;
 }
 
-function follow(jobId) {
-  return new Promise((resolve) => {
-    const events = new EventSource(withToken("/api/jobs/" + jobId + "/events"));
-    events.addEventListener("status", (message) => {
-      const status = JSON.parse(message.data);
-      if (status.status === "queued") progress("Queued, position " + (status.position || 1), 0);
-      if (status.status === "done") { events.close(); resolve(status.reply); }
+// Server-sent events read through fetch, so that the token travels in the Authorization header
+// (EventSource cannot send one, and would put it in the URL).
+async function readEvents(path, onEvent) {
+  const response = await fetch(path, { headers: authorization() });
+  if (!response.ok || !response.body) throw new Error("the agent answered " + response.status);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      let data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) name = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      if (data && onEvent(name, JSON.parse(data))) { reader.cancel(); return; }
+    }
+  }
+}
+
+async function follow(jobId) {
+  let reply = null;
+  try {
+    await readEvents("api/jobs/" + jobId + "/events", (name, data) => {
+      if (name === "status") {
+        if (data.status === "queued") progress("Queued, position " + (data.position || 1), 0);
+        if (data.status === "done") { reply = data.reply; return true; }
+      }
+      if (name === "job") {
+        if (data.event === "queued") progress("Queued, position " + data.position, 0);
+        if (data.event === "running") progress("Step " + data.step + " of " + data.steps, data.step / data.steps);
+      }
+      return false;
     });
-    events.addEventListener("job", (message) => {
-      const event = JSON.parse(message.data);
-      if (event.event === "queued") progress("Queued, position " + event.position, 0);
-      if (event.event === "running") progress("Step " + event.step + " of " + event.steps, event.step / event.steps);
-    });
-    events.onerror = () => {
-      events.close();
-      api("GET", "/api/jobs/" + jobId).then((status) => resolve(status.reply || null), () => resolve(null));
-    };
-  });
+  } catch (_) {
+    // The stream broke (a restart, a proxy): ask once where the job stands.
+  }
+  if (reply) return reply;
+  try {
+    const status = await api("GET", "api/jobs/" + jobId);
+    return status.reply || null;
+  } catch (_) {
+    return null;
+  }
 }
 
 async function generate(submitEvent) {
@@ -121,7 +160,7 @@ async function generate(submitEvent) {
   $("error").hidden = true;
   $("generate").disabled = true;
   try {
-    const job = await api("POST", "/api/jobs", request());
+    const job = await api("POST", "api/jobs", request());
     progress("Queued, position " + (job.position || 1), 0);
     const reply = await follow(job.id);
     $("progress").hidden = true;
@@ -137,13 +176,13 @@ async function generate(submitEvent) {
 
 async function loadGallery() {
   try {
-    const data = await api("GET", "/api/images");
+    const data = await api("GET", "api/images");
     const list = $("gallery");
     list.replaceChildren();
     for (const image of data.images) {
       const item = document.createElement("li");
       const picture = document.createElement("img");
-      picture.src = withToken(new URL(image.url).pathname);
+      picture.src = imageAddress(image.url);
       picture.alt = image.prompt;
       picture.loading = "lazy";
       const caption = document.createElement("p");
