@@ -261,6 +261,9 @@ class Agent:
         tasks = await self.startup(parts)
         await self._stop.wait()
         log.info("stopping")
+        parts.link.closing()
+        if parts.fleet is not None and parts.fleet.link is not None:
+            parts.fleet.link.closing()
         await self.shutdown(parts, tasks)
         return EXIT_PART_FAILED if self._part_failed else 0
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
 from agent import __version__
+from agent.logs import configure_logging
 from agent.settings import SettingsError, describe_settings, load_settings
 
 
@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the web page's address with the API token (generated if there is none yet) "
         "and exit",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log at debug level (EDGEAI_LOG_LEVEL=DEBUG), the worker included",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -58,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         address = settings.base_url(settings.http_port) + "/"
         print(address + (f"?token={token}" if token else ""))  # noqa: T201 - requested output
         return 0
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if arguments.verbose:
+        settings = settings.model_copy(update={"log_level": "DEBUG"})
+    configure_logging(settings.log_level)
     from agent.app import Agent  # noqa: PLC0415 - keeps --help fast
 
     return asyncio.run(Agent(settings).run())

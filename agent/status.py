@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from agent.machine import thermal
@@ -146,11 +147,18 @@ class AgentStatus:
         self._throttled = None if bits is None else any(thermal.flags_now(bits).values())
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Return whether the agent is healthy, and why (called from the HTTP threads)."""
+        """Return whether the agent is healthy, and why.
+
+        A broker link lost for less than ``health_broker_grace_s`` still counts as healthy: the
+        link reconnects by itself, and a supervisor should not restart the agent over a blip.
+        """
         state = self.state
         connected = self._link.connected
+        lost_at = self._link.disconnected_at
+        grace = self._settings.health_broker_grace_s
+        link_ok = connected or (lost_at is not None and time.monotonic() - lost_at < grace)
         storage = self._storage.problem
-        healthy = connected and state != "error" and storage is None
+        healthy = link_ok and state != "error" and storage is None
         details: dict[str, Any] = {
             "status": "ok" if healthy else "degraded",
             "state": state,

@@ -202,7 +202,7 @@ class Admission:
             )
         await self._journal.add(spec, ticket.fingerprint, ticket.expires_at)
         self.last_spec = spec
-        self._runner.submit(Job(spec, expires_at=ticket.expires_at))
+        self._runner.submit(Job(spec, expires_at=ticket.expires_at, source=ticket.api))
         self._count("accepted", ticket.api)
         return Admitted(spec)
 

@@ -42,6 +42,9 @@ class Job:
     """``time.monotonic()`` when it started running."""
     step: int = 0
     """Denoising steps done so far."""
+    source: str = "journal"
+    """Where it came from: mqtt, fleet, web, openai, a1111; journal for a job resumed after a
+    restart."""
 
 
 class Runner:
@@ -257,6 +260,7 @@ class Runner:
         self._outbox.observe_publishing(time.monotonic() - begun)
         self._metrics.jobs.labels(status="done").inc()
         self.last_latency_s = body["latency_s"]
+        self._log_end(job, "done", f"{body['latency_s']:.2f} s (queue {queue_wait:.2f} s)")
 
     async def _answer_after_error(self, job: Job, error: Exception) -> None:
         """Answer a job whose path raised: its own refusal, a full disk, or a bug (logged)."""
@@ -283,12 +287,28 @@ class Runner:
     async def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         status = "cancelled" if code is ErrorCode.CANCELLED else "failed"
         self._metrics.jobs.labels(status=status).inc()
-        log.info("job %s %s: %s", job.spec.id, status, message)
+        self._log_end(job, status, f"{time.monotonic() - job.received:.2f} s: {message}")
         body: dict[str, Any] = error_body(job.spec.id, code, message)
         await self._record(job.spec.id, body)
         self._wake_waiters(job.spec.id)
         self._outbox.job_event(job.spec.id, status, error=body["error"])
         self._confirm(job.spec, self._outbox.reply(job.spec, body))
+
+    @staticmethod
+    def _log_end(job: Job, outcome: str, detail: str) -> None:
+        """Log the one line a job gets: id, outcome, where from, size, steps, time."""
+        spec = job.spec
+        steps = f"{spec.steps} step{'s' if spec.steps != 1 else ''}"
+        log.info(
+            "job %s %s: from %s, %dx%d, %s, %s",
+            spec.id,
+            outcome,
+            job.source,
+            spec.width,
+            spec.height,
+            steps,
+            detail,
+        )
 
     def _confirm(self, spec: JobSpec, acknowledged: asyncio.Future[None] | None) -> None:
         """Mark the job delivered in the journal once the broker acknowledges its reply."""

@@ -279,6 +279,7 @@ class WorkerLink:
         if isinstance(event, Ready):
             self._load_reported = True
             self.loaded, self.last_error, self._load_failures = event, None, 0
+            self._log_ready(event)
             self._set_status(WorkerStatus.READY)
         elif isinstance(event, LoadFailed):
             self._load_reported = True
@@ -320,6 +321,22 @@ class WorkerLink:
         self.last_error = reason
         self._on_load_failure()
         self._set_status(WorkerStatus.ERROR)
+
+    def _log_ready(self, ready: Ready) -> None:
+        """The model's one line: what, where, in which precision, and the memory it takes."""
+        pid = self._process.pid if self._process is not None else None
+        peak = peak_rss_bytes(pid) if pid is not None else None
+        memory = f"{peak / 2**30:.2f} GiB at peak" if peak is not None else "unknown"
+        log.info(
+            "model ready: %s on %s in %s (%s), loaded in %.1f s, warm-up %.1f s; worker memory %s",
+            ready.model,
+            ready.device,
+            ready.dtype,
+            ready.levers,
+            ready.load_seconds,
+            ready.warmup_seconds,
+            memory,
+        )
 
     def _sample_peak(self, pid: int | None, generation: int) -> None:
         """Keep :attr:`peak_bytes` current while this worker lives (named if it is killed)."""

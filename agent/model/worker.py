@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.logs import configure_logging
 from agent.model.protocol import (
     Cancelled,
     Failed,
@@ -48,11 +49,12 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         cancel: Set by the daemon to stop the running job.
         config: What to load and how to encode.
     """
+    # Ctrl-C in a terminal reaches the whole process group: the daemon stops the worker in
+    # order (the running job finishes or goes back to the journal), so the worker ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     _go_first_when_memory_runs_out()
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(config.log_level, worker=True)
     # Imported here so that only this process pays for (and can be killed by) torch.
     from agent.images import encode_image  # noqa: PLC0415
     from agent.model.pipeline import JobCancelledError, Text2Image  # noqa: PLC0415
@@ -64,7 +66,7 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         connection.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     connection.send(model.loaded)
-    log.info(
+    log.debug(  # the daemon logs the model's line, with the worker's memory
         "model %s loaded on %s (%s) in %.1f s, warm-up %.1f s at %s",
         config.pipeline.model,
         model.device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,9 @@ class MqttLink:
         self._on_connection = on_connection
         self._loop = asyncio.get_running_loop()
         self._connected_once = asyncio.Event()
+        self._stopping = False
+        self.disconnected_at: float | None = None
+        """``time.monotonic()`` when the link was lost; None while connected or never."""
         self.connected = False
         self.max_packet_size: int | None = None
         client = paho.Client(
@@ -237,8 +241,16 @@ class MqttLink:
         if message.qos > 0:
             self._client.ack(message.mid, message.qos)
 
+    def closing(self) -> None:
+        """The agent is stopping: a lost connection from now on is expected, not a warning.
+
+        Ctrl-C in a terminal reaches ``scripts/run``'s broker too, before this link's stop.
+        """
+        self._stopping = True
+
     async def stop(self) -> None:
         """Publish ``offline`` (a clean DISCONNECT suppresses the will), then disconnect."""
+        self.closing()
         if self.connected and self._announces:
             info = self._client.publish(self._topics.availability, "offline", qos=1, retain=True)
             await asyncio.to_thread(info.wait_for_publish, OFFLINE_PUBLISH_TIMEOUT_S)
@@ -280,7 +292,10 @@ class MqttLink:
         properties: Properties | None,
     ) -> None:
         del client, userdata, flags, properties
-        log.warning("disconnected from the broker: %s", reason_code)
+        if self._stopping:
+            log.debug("disconnected from the broker: %s", reason_code)
+        else:
+            log.warning("disconnected from the broker: %s; reconnecting", reason_code)
         self._loop.call_soon_threadsafe(self._set_connected, False, None)
 
     def _paho_message(
@@ -320,8 +335,24 @@ class MqttLink:
             future.set_result(None)
 
     def _set_connected(self, connected: bool, max_packet_size: int | None) -> None:
-        self.connected = connected
+        was_connected, self.connected = self.connected, connected
+        now = time.monotonic()
         if connected:
             self.max_packet_size = max_packet_size
+            settings = self._settings
+            where = f"{settings.mqtt_host}:{settings.mqtt_port}"
+            user = settings.mqtt_username or "anonymous"
+            if not self._connected_once.is_set():
+                log.info("connected to the broker at %s as %s (MQTT 5)", where, user)
+            elif not was_connected:
+                log.info(
+                    "reconnected to the broker at %s as %s after %.1f s",
+                    where,
+                    user,
+                    now - (self.disconnected_at or now),
+                )
+            self.disconnected_at = None
             self._connected_once.set()
+        elif was_connected:
+            self.disconnected_at = now
         self._on_connection(connected)

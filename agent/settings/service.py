@@ -125,6 +125,13 @@ class ServiceSettings(BaseModel):
     shutdown_grace_s: float = Field(
         default=60.0, ge=0, description="On SIGTERM, how long the running job may finish."
     )
+    health_broker_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="/healthz stays 200 while a lost broker link is this recent (it reconnects "
+        "by itself); past it, 503.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
     )
