@@ -65,6 +65,12 @@ def test_a_worker_killed_during_a_job_runs_it_again_then_fails_it(broker, make_a
     assert 'edgeai_jobs_total{status="failed"} 1.0' in metrics
     assert agent.process.poll() is None
     client.close()
+    # The log says each restart and why, and how each job ended, one line each.
+    log = agent.log()
+    assert log.count("worker process died (exit code -9); restarting in") == 3
+    assert "worker died during survivor (attempt 1); running it again" in log
+    assert "job survivor done: from mqtt, 512x512, 50 steps" in log
+    assert "job doomed failed: from mqtt, 512x512, 50 steps" in log
 
 
 def test_an_exception_in_the_pipeline_fails_the_job_not_the_worker(

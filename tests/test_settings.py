@@ -121,9 +121,3 @@ def test_the_console_script_is_installed():
     completed = subprocess.run([script, "--version"], capture_output=True, text=True, check=False)
     assert completed.returncode == 0
     assert "edgeai-agent" in completed.stdout
-
-
-def test_readme_lists_every_setting():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for name in Settings.model_fields:
-        assert f"`EDGEAI_{name.upper()}`" in readme

@@ -3,7 +3,7 @@
 TAESDXL decodes with 3x3 convolutions over the whole image, most followed by a ReLU, and each of
 its blocks ends with a residual sum and one more ReLU. Run as torch runs them, each ReLU and each
 sum is a separate pass over a 64-channel image (at 512x512 in bfloat16: 32 MiB read and written
-per pass): 16% and 5% of the decode on the machine README's Performance section names. oneDNN
+per pass): 16% and 5% of the decode on the machine docs/performance.md names. oneDNN
 applies both inside the convolution before them, as it writes its output (post-operations: the
 fusions torch's own compiler makes on a CPU, without the compile). Weights stay as they are
 (TAESDXL's are tiny: packing them gains nothing, :mod:`agent.model.packed`).

@@ -6,7 +6,7 @@ against a 1280 x 10240 weight) that copy takes about a quarter of the call. Reor
 load, the weight replaces the plain one (no second copy in memory) and each call goes straight to
 oneDNN with it: the path torch's own compiler takes when it freezes a model, without the compile.
 Measured on SDXL-Turbo's architecture in bfloat16 (``scripts/bench --cases c,cu``, per layer
-``tests/bench/machine.py --shapes``): see README's Performance section.
+``tests/bench/machine.py --shapes``): see docs/performance.md.
 
 Where to pack is for :func:`agent.model.precision.packs_weights` to say: in bfloat16, where the
 weights are the process's own copies anyway (converted from the float16 files). float16- and

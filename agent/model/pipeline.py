@@ -50,8 +50,8 @@ WEIGHT_HEAVY_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 """The parts that hold 97% of SDXL's weights: only theirs may stay in float16, and only theirs
 are packed for oneDNN. The decoder holds its weights in the compute precision (TAESDXL is tiny,
 and diffusers upcasts a float16 full VAE to float32 anyway), unpacked: TAESDXL's 64-channel
-convolutions over a whole image ran slower packed (decode 0.48 against 0.37 s, README's
-Performance); its ReLUs and residual sums run inside its convolutions instead
+convolutions over a whole image ran slower packed (decode 0.48 against 0.37 s,
+docs/performance.md); its ReLUs and residual sums run inside its convolutions instead
 (:mod:`agent.model.fused`)."""
 
 

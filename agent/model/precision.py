@@ -170,11 +170,11 @@ def use_half_weights(setting: str, device: str, dtype: torch.dtype, memory_limit
 
 
 PACKED_DTYPES = (torch.bfloat16,)
-"""Precisions whose layers are packed: bfloat16, 1.2x faster for the whole image (README's
-Performance). In float32 torch hands linear layers to MKL, not oneDNN: per layer, packing gained
-0-37% on linear shapes and lost on some convolutions, and for the whole image packed float32 was
-no faster (0.98x the unpacked median over 5 paired rounds, peak 17.2 against 14.8 GiB, load 33
-against 24 s), so float32 is left as it is."""
+"""Precisions whose layers are packed: bfloat16, 1.2x faster for the whole image
+(docs/performance.md). In float32 torch hands linear layers to MKL, not oneDNN: per layer,
+packing gained 0-37% on linear shapes and lost on some convolutions, and for the whole image
+packed float32 was no faster (0.98x the unpacked median over 5 paired rounds, peak 17.2
+against 14.8 GiB, load 33 against 24 s), so float32 is left as it is."""
 
 
 def packs_weights(
@@ -219,7 +219,7 @@ def _onednn_computes(device: str, compute: torch.dtype) -> bool:
 
 FUSED_DTYPES = (torch.bfloat16, torch.float32)
 """Precisions whose tiny decoder computes its ReLUs and residual sums inside its convolutions:
-both decode faster that way (README's Performance). float16 arithmetic (a Pi's lever) is left
+both decode faster that way (docs/performance.md). float16 arithmetic (a Pi's lever) is left
 as it is: not measured."""
 
 

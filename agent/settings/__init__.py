@@ -127,17 +127,26 @@ class Settings(ServiceSettings, ModelSettings, NetworkSettings, BaseSettings):
         return lines[0] if lines else ""
 
 
+COMPUTED_DEFAULTS = {"node_id": "hostname"}
+"""Defaults computed on the machine, named rather than shown (they differ from host to host)."""
+
+
+def default_text(name: str) -> str:
+    """Return how a setting's default is shown: its value, ``unset``, or what computes it."""
+    field = Settings.model_fields[name]
+    if name in COMPUTED_DEFAULTS:
+        return COMPUTED_DEFAULTS[name]
+    if field.default_factory is not None:
+        return str(field.default_factory())  # type: ignore[call-arg]
+    return "unset" if field.default is None else str(field.default)
+
+
 def describe_settings() -> str:
     """Return a help text listing every setting with its variable, default and meaning."""
-    lines = []
-    for name, field in Settings.model_fields.items():
-        if field.default_factory is not None:
-            default = "(computed)"
-        elif field.default is None:
-            default = "(unset)"
-        else:
-            default = str(field.default)
-        lines.append(f"  {ENV_PREFIX}{name.upper()}  [{default}]\n      {field.description}")
+    lines = [
+        f"  {ENV_PREFIX}{name.upper()}  [{default_text(name)}]\n      {field.description}"
+        for name, field in Settings.model_fields.items()
+    ]
     return "\n".join(lines)
 
 

@@ -51,8 +51,13 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 3.0
 """On stop, answers in progress (an event stream, a long download) get this long to end."""
 LISTEN_BACKLOG = 128
-HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-"""Every answer: nothing cached along the way (results and tokens change), no type sniffing."""
+HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Server": "edgeai-agent",
+}
+"""Every answer: nothing cached along the way (results and tokens change), no type sniffing, and
+no server library's name and version for a scanner to match."""
 PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The agent on arm64, as a new user on a Raspberry Pi 5 runs it: a Debian bookworm arm64 root
-# (debootstrap), emulated by qemu-user as a Cortex-A76 (a Pi 5's core), README's run command
+# (debootstrap), emulated by qemu-user as a Cortex-A76 (a Pi 5's core), the README's run command
 # (scripts/run) inside it with the tiny model, and an image requested over MQTT from outside.
 # Prints the image's arrival, the precision the agent chose, the virtual environment's size and
 # the time taken. Not part of the test suite: it takes 20 to 40 minutes (emulation is slow).

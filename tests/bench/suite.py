@@ -40,6 +40,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+import chart  # noqa: E402
 import machine  # noqa: E402
 from pipeline import MODEL, PROMPT, TAESDXL, build_model, case_in_fresh_process  # noqa: E402
 
@@ -393,6 +394,15 @@ def print_saved(path: Path) -> None:
     print_paired(list(samples), samples)
 
 
+def show_saved(report: Path | None, chart_paths: list[Path] | None) -> None:
+    """Reprint a saved run's tables (``--report``), or draw its chart (``--chart RUN SVG``)."""
+    if report is not None:
+        print_saved(report)
+    if chart_paths is not None:
+        saved, svg = chart_paths
+        svg.write_text(chart.draw(json.loads(saved.read_text())))
+
+
 def main() -> None:
     """Run the cases round after round, then print the table and the JSON."""
     parser = argparse.ArgumentParser(
@@ -403,9 +413,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3, help="requests per agent start")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--report", type=Path, help="print the tables of a run saved by --json")
+    parser.add_argument(
+        "--chart",
+        nargs=2,
+        type=Path,
+        metavar=("RUN", "SVG"),
+        help="draw seconds per image and memory of a run saved by --json into an SVG file",
+    )
     arguments = parser.parse_args()
-    if arguments.report:
-        print_saved(arguments.report)
+    if arguments.chart or arguments.report:
+        show_saved(arguments.report, arguments.chart)
         return
     if arguments.cases == "list":
         for case_id, case in CASES.items():
