@@ -141,7 +141,12 @@ class Agent:
             sign=signer.signature,
             storage=storage,
         )
-        self.gate = TokenGate(self.token, public_images=settings.public_images, signer=signer)
+        self.gate = TokenGate(
+            self.token,
+            public_images=settings.public_images,
+            signer=signer,
+            ingress_peer=settings.ingress_peer,
+        )
         limit = memory_limit()
         log.info("memory limit: %s", limit.describe())
         metrics.memory_limit_bytes.set(limit.bytes)

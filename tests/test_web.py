@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import http.client
 import http.server
 import json
 import shutil
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
@@ -268,3 +273,111 @@ def test_another_sites_page_cannot_create_jobs_in_a_real_browser(shared_agent, t
         assert call(shared_agent, "GET", f"/api/jobs/{job_id}")[0] == 404
     assert shared_agent.metric("edgeai_requests_total", outcome="accepted") == accepted
     assert shared_agent.metric("edgeai_http_refusals_total", reason="cross_site") >= 2
+
+
+class IngressProxy:
+    """What Home Assistant's ingress does in front of an app, small enough for a test.
+
+    ``/api/hassio_ingress/<session>/<path>`` is forwarded to the agent's ``/<path>`` with the
+    prefix in ``X-Ingress-Path`` and the browser's host in ``X-Forwarded-Host``; answers are
+    streamed back (the page's event streams go through it too). Its connections to the agent
+    come from 127.0.0.1, the address the agent is told to trust.
+    """
+
+    def __init__(self, agent_url: str) -> None:
+        self.agent_url = agent_url
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        started = threading.Event()
+        threading.Thread(target=self._serve, args=(started,), daemon=True).start()
+        assert started.wait(10)
+
+    def _serve(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_route("*", "/api/hassio_ingress/{session}/{path:.*}", self._forward)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        started.set()
+        self.loop.run_forever()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        prefix = f"/api/hassio_ingress/{request.match_info['session']}"
+        headers = {
+            name: value
+            for name, value in request.headers.items()
+            if name.lower() not in ("host", "content-length", "transfer-encoding")
+        }
+        headers.update({"X-Ingress-Path": prefix, "X-Forwarded-Host": request.host})
+        target = f"{self.agent_url}/{request.match_info['path']}"
+        if request.query_string:
+            target += "?" + request.query_string
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method, target, headers=headers, data=await request.read()
+            ) as answer,
+        ):
+            response = web.StreamResponse(status=answer.status)
+            response.content_type = answer.content_type
+            for name in ("Content-Security-Policy", "Cache-Control"):
+                if name in answer.headers:
+                    response.headers[name] = answer.headers[name]
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():
+                await response.write(chunk)
+            return response
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def direct_get(agent, path: str, headers: dict[str, str] | None = None) -> int:
+    """A request from another address than the ingress gateway's (127.0.0.2)."""
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", agent.http_port, timeout=10, source_address=("127.0.0.2", 0)
+    )
+    try:
+        connection.request("GET", path, headers=headers or {})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_the_page_works_through_home_assistant_ingress_with_no_token(module_broker, make_agent):
+    agent = make_agent(
+        module_broker,
+        EDGEAI_API_TOKEN=PAGE_TOKEN,
+        EDGEAI_HTTP_AUTH="true",
+        EDGEAI_INGRESS_PEER="127.0.0.1",
+    )
+    # Straight to the agent, from anywhere but the gateway, the token is still needed.
+    assert direct_get(agent, "/api/images") == 401
+    assert direct_get(agent, "/healthz") == 200
+    # Headers that say "ingress" prove nothing: only the connection's address counts.
+    spoofed = {"X-Ingress-Path": "/api/hassio_ingress/x", "X-Forwarded-For": "127.0.0.1"}
+    assert direct_get(agent, "/api/images", spoofed) == 401
+    proxy = IngressProxy(agent.url)
+    driver = chromium_driver(Path(tempfile.mkdtemp()))
+    try:
+        driver.get(f"http://127.0.0.1:{proxy.port}/api/hassio_ingress/s3ssion/")
+        driver.find_element(By.ID, "prompt").clear()
+        driver.find_element(By.ID, "prompt").send_keys("through ingress")
+        driver.find_element(By.ID, "generate").click()
+        wait = WebDriverWait(driver, 90)
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
+        image = driver.find_element(By.ID, "result-image")
+        wait.until(
+            lambda d: d.execute_script(
+                "return arguments[0].complete && arguments[0].naturalWidth", image
+            )
+        )
+        assert "/api/hassio_ingress/s3ssion/images/" in image.get_attribute("src")
+        wait.until(lambda d: "through ingress" in d.find_element(By.ID, "gallery").text)
+        assert driver.find_element(By.ID, "error").is_displayed() is False
+    finally:
+        driver.quit()
+        proxy.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, IPvAnyAddress, SecretStr
 
 OutputMode = Literal["b64", "url", "both"]
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -86,6 +86,12 @@ class ServiceSettings(BaseModel):
         default=False,
         description="Let anyone read images and the gallery without the token; otherwise image "
         "URLs the agent hands out carry a signature that opens that one image.",
+    )
+    ingress_peer: IPvAnyAddress | None = Field(
+        default=None,
+        description="The address of Home Assistant's ingress gateway (172.30.32.2 for a Home "
+        "Assistant app): requests whose connection comes from it need no token, since Home "
+        "Assistant has signed the user in. Unset: no address is trusted.",
     )
     api_max_images: int = Field(
         default=4,

@@ -24,6 +24,7 @@ import hmac
 import logging
 import os
 import secrets
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import TYPE_CHECKING
 
 from agent.settings import SettingsError
@@ -148,8 +149,23 @@ class UrlSigner:
 class TokenGate:
     """Decides, per route, whether a request may go on."""
 
-    def __init__(self, token: str | None, *, public_images: bool, signer: UrlSigner) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        *,
+        public_images: bool,
+        signer: UrlSigner,
+        ingress_peer: IPv4Address | IPv6Address | None = None,
+    ) -> None:
         """Require ``token`` (None: nobody needs one); ``public_images`` opens image reads.
+
+        Args:
+            token: What clients must present; None when authentication is off.
+            public_images: Images and the gallery need nothing.
+            signer: Checks image URLs' signatures.
+            ingress_peer: Home Assistant's ingress gateway: connections from this address are
+                let in, Home Assistant having signed the user in. Only the connection's own
+                address counts, never a header a client could write.
 
         Raises:
             ValueError: ``token`` is empty: that would let every request through.
@@ -159,6 +175,7 @@ class TokenGate:
         self._token = token
         self._public_images = public_images
         self._signer = signer
+        self._ingress_peer = ingress_peer
 
     def allows(
         self,
@@ -166,9 +183,13 @@ class TokenGate:
         headers: Mapping[str, str],
         query: Mapping[str, list[str]],
         params: Mapping[str, str],
+        peer: str | None = None,
     ) -> bool:
-        """Return whether a request with these headers, query and path parameters may go on."""
-        if self._token is None or access is Access.OPEN:
+        """Return whether a request with these headers, query and path parameters may go on.
+
+        ``peer`` is the address of the connection it came on.
+        """
+        if self._token is None or access is Access.OPEN or self._from_ingress(peer):
             return True
         if access in (Access.IMAGE, Access.GALLERY) and self._public_images:
             return True
@@ -178,3 +199,11 @@ class TokenGate:
                 return True
         offered = (offered_token(headers) or "").encode("utf-8", "surrogateescape")
         return hmac.compare_digest(offered, self._token.encode())
+
+    def _from_ingress(self, peer: str | None) -> bool:
+        if self._ingress_peer is None or peer is None:
+            return False
+        try:
+            return ip_address(peer) == self._ingress_peer
+        except ValueError:
+            return False

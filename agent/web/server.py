@@ -196,7 +196,10 @@ class AgentHttpServer:
         params: dict[str, str],
     ) -> Response | None:
         """Return the answer to a request refused before its body is read, or None."""
-        if self._gate is None or not self._gate.allows(route.access, headers, query, params):
+        allowed = self._gate is not None and self._gate.allows(
+            route.access, headers, query, params, raw.remote
+        )
+        if not allowed:
             self._on_refusal("unauthorized")
             refused = route.shape.error(401, "unauthorized", "this needs the API token")
             return _with(refused, {"WWW-Authenticate": 'Bearer realm="edgeai-agent"'})
