@@ -26,6 +26,8 @@ from tests.tiny_pipeline import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 collect_ignore = ["homeassistant"]  # Home Assistant's own harness runs those (test_home_assistant)
+if not os.environ.get("EDGEAI_CONTAINER_TESTS"):
+    collect_ignore.append("containers")  # slow (image builds): scripts/test-containers runs them
 ARTIFACTS = ROOT / "test-artifacts"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import time
@@ -117,7 +118,10 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         log.debug("prctl is not available; the worker outlives a killed daemon")
-    if os.getppid() == 1:  # the daemon died before prctl took effect
+    # The daemon died before prctl took effect: this process was handed to another parent. Not
+    # "the parent is 1": in a container the daemon itself is PID 1.
+    daemon = multiprocessing.parent_process()
+    if daemon is not None and os.getppid() != daemon.pid:
         os._exit(1)
 
 

@@ -159,6 +159,9 @@ SCRIPT_VARIABLES = (
     "EDGEAI_HA_ROOT",
     "EDGEAI_DEBIAN_MIRROR",
     "EDGEAI_BENCH_CACHE",
+    "EDGEAI_CONTAINER_TESTS",
+    "EDGEAI_CONTAINER_PREPARE",
+    "EDGEAI_CONTAINER_IMAGE",
 )
 """Variables the install, test and benchmark scripts read (scripts/lib.sh says what each does):
 not settings of the agent, and no mistake to find in its environment."""

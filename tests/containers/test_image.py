@@ -1,0 +1,138 @@
+"""The container image as its users run it: built from deploy/container/Dockerfile unchanged,
+started with a state volume and a model folder, asked for a picture over MQTT, stopped with
+SIGTERM and started again. Slow (a build takes minutes): run by scripts/test-containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, generate
+
+IMAGE = os.environ.get("EDGEAI_CONTAINER_IMAGE", "localhost/edgeai-agent:test")
+
+
+def podman(*args: str, check: bool = True, timeout: float = 1800) -> str:
+    completed = subprocess.run(
+        ["podman", *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
+    if check and completed.returncode != 0:
+        pytest.fail(f"podman {' '.join(args)} failed:\n{completed.stdout}\n{completed.stderr}")
+    return completed.stdout.strip()
+
+
+def container_log(name: str) -> str:
+    """What the container printed: the agent logs to standard error."""
+    completed = subprocess.run(
+        ["podman", "logs", name], capture_output=True, text=True, check=False, timeout=60
+    )
+    return completed.stdout + completed.stderr
+
+
+@pytest.fixture(scope="module")
+def image():
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed; scripts/test-containers installs it")
+    # The docker format keeps the Dockerfile's HEALTHCHECK (OCI images have none).
+    build = ["build", "--pull=never", "--format", "docker", "-f", "deploy/container/Dockerfile"]
+    build += ["-t", IMAGE]
+    wheels = os.environ.get("PIP_FIND_LINKS")
+    if wheels and Path(wheels).is_dir():  # a local torch CPU wheel, where its index is out of reach
+        build += ["-v", f"{wheels}:{wheels}:ro", "--build-arg", f"PIP_FIND_LINKS={wheels}"]
+    started = time.monotonic()
+    subprocess.run(["podman", *build, str(ROOT)], check=True, cwd=ROOT, timeout=3600)
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE))
+    print(f"built {IMAGE} in {time.monotonic() - started:.0f} s: {size / 1e9:.2f} GB")
+    return IMAGE
+
+
+@pytest.fixture
+def model_for_containers(tiny_model):
+    # The fixture's folders are private to root; the image's user (uid 1000) reads the model.
+    for path in [tiny_model, *tiny_model.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    parent = tiny_model.parent
+    while parent != parent.parent and not (parent.stat().st_mode & 0o001):
+        parent.chmod(parent.stat().st_mode | 0o011)
+        parent = parent.parent
+    return tiny_model
+
+
+def test_the_image_answers_over_mqtt_and_stops_cleanly_with_sigterm(
+    image, broker, model_for_containers
+):
+    node, http_port = f"box-{uuid.uuid4().hex[:6]}", free_port()
+    broker.add_node(node)
+    volume = f"edgeai-test-{node}"
+    podman("volume", "create", volume)
+    name = f"edgeai-test-{node}"
+    run = [
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "-v",
+        f"{volume}:/data",
+        "-v",
+        f"{model_for_containers}:/model:ro",
+        *("-e", "EDGEAI_MODEL=/model", "-e", "EDGEAI_TINY_VAE=/model/taesd"),
+        *("-e", f"EDGEAI_NODE_ID={node}", "-e", "EDGEAI_MQTT_HOST=127.0.0.1"),
+        *("-e", f"EDGEAI_MQTT_PORT={broker.port}", "-e", f"EDGEAI_MQTT_USERNAME={node}"),
+        *("-e", f"EDGEAI_MQTT_PASSWORD={broker.password(node)}"),
+        *("-e", f"EDGEAI_HTTP_PORT={http_port}", "-e", "EDGEAI_TORCH_THREADS=1"),
+        *("-e", "EDGEAI_MAX_STEPS=50", "-e", "EDGEAI_SHUTDOWN_GRACE_S=60"),
+        image,
+    ]
+    client = broker.client()
+
+    class Agent:
+        base = f"edgeai/{node}"
+
+    try:
+        podman(*run)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, container_log(name)
+                time.sleep(1)
+        assert generate(client, Agent, id="boxed-1")["status"] == "ok"
+        # A long job running, one queued; SIGTERM: the first finishes, the second waits.
+        client.subscribe(f"{Agent.base}/result/+", f"{Agent.base}/jobs/boxed-long")
+        client.publish(
+            f"{Agent.base}/generate", json.dumps({"prompt": "x", "id": "boxed-long", "steps": 50})
+        )
+        client.publish(f"{Agent.base}/generate", json.dumps({"prompt": "x", "id": "boxed-queued"}))
+        client.wait_for(f"{Agent.base}/jobs/boxed-long", lambda m: m.json().get("step") == 1)
+        podman("kill", "--signal", "TERM", name)
+        assert podman("wait", name, timeout=120) == "0"
+        assert client.wait_for(f"{Agent.base}/result/boxed-long").json()["status"] == "ok"
+        logs = container_log(name)
+        assert "Traceback" not in logs
+        assert "INFO agent.app: stopping" in logs
+        assert " WARNING " not in logs
+        # Started again on the same volume: the queued job is answered.
+        podman("start", name)
+        queued = client.wait_for(f"{Agent.base}/result/boxed-queued", timeout=300).json()
+        assert queued["status"] == "ok"
+        user = podman("exec", name, "id", "-u")
+        assert user == "1000"  # not root
+        files = podman("exec", name, "ls", "-A", "/data")
+        assert "journal.sqlite3" in files
+        assert "api-token" in files
+    finally:
+        client.close()
+        podman("rm", "-f", name, check=False)
+        podman("volume", "rm", "-f", volume, check=False)
