@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import sys
 from pathlib import Path
 
 from agent import __version__
+from agent.home_assistant_app import prepare_app_environment
 from agent.logs import configure_logging
 from agent.settings import SettingsError, describe_settings, load_settings
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the agent in the foreground; return the exit code."""
     arguments = build_parser().parse_args(argv)
     try:
+        as_app = prepare_app_environment(os.environ)
         settings = load_settings(arguments.config)
         settings.password()  # a missing password file should stop the start, not the connect
     except SettingsError as exc:
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.verbose:
         settings = settings.model_copy(update={"log_level": "DEBUG"})
     configure_logging(settings.log_level)
+    if as_app is not None:
+        logging.getLogger("agent.home_assistant_app").info("%s", as_app)
     from agent.app import Agent  # noqa: PLC0415 - keeps --help fast
 
     return asyncio.run(Agent(settings).run())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import http.client
 import http.server
@@ -24,6 +23,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import ARTIFACTS
+from tests.threaded_server import ThreadedServer
 
 
 def call(agent, method: str, path: str, body: dict | bytes | None = None, token: str | None = None):
@@ -286,23 +286,10 @@ class IngressProxy:
 
     def __init__(self, agent_url: str) -> None:
         self.agent_url = agent_url
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        started = threading.Event()
-        threading.Thread(target=self._serve, args=(started,), daemon=True).start()
-        assert started.wait(10)
-
-    def _serve(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_route("*", "/api/hassio_ingress/{session}/{path:.*}", self._forward)
-        runner = web.AppRunner(app)
-        self.loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        started.set()
-        self.loop.run_forever()
+        self._server = ThreadedServer(app)
+        self.port = self._server.port
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         prefix = f"/api/hassio_ingress/{request.match_info['session']}"
@@ -332,7 +319,7 @@ class IngressProxy:
             return response
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._server.stop()
 
 
 def direct_get(agent, path: str, headers: dict[str, str] | None = None) -> int:

@@ -6,12 +6,15 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 
+RUN_ON_HOST = ("run", "-d", "--network", "host")
+"""A container started in the background on the host's network, as the tests' broker is."""
 IMAGE = os.environ.get("EDGEAI_CONTAINER_IMAGE", "localhost/edgeai-agent:test")
 
 
@@ -37,7 +40,7 @@ def image():
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed; scripts/test-containers installs it")
     # The docker format keeps the Dockerfile's HEALTHCHECK (OCI images have none).
-    build = ["build", "--pull=never", "--format", "docker", "-f", "deploy/container/Dockerfile"]
+    build = ["build", "--pull=never", "--format", "docker", "--target", "container"]
     build += ["-t", IMAGE]
     wheels = os.environ.get("PIP_FIND_LINKS")
     if wheels and Path(wheels).is_dir():  # a local torch CPU wheel, where its index is out of reach
@@ -59,3 +62,16 @@ def model_for_containers(tiny_model):
         parent.chmod(parent.stat().st_mode | 0o011)
         parent = parent.parent
     return tiny_model
+
+
+def wait_healthy(url: str, *names: str, timeout: float = 300) -> None:
+    """Wait until ``url``/healthz answers 200; fail with the containers' logs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5):
+                return
+        except OSError:
+            logs = "".join(container_log(name) for name in names)
+            assert time.monotonic() < deadline, logs
+            time.sleep(1)

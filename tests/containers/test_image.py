@@ -1,16 +1,14 @@
-"""The container image as its users run it: built from deploy/container/Dockerfile unchanged,
+"""The container image as its users run it: the Dockerfile's stage container, unchanged,
 started with a state volume and a model folder, asked for a picture over MQTT, stopped with
 SIGTERM and started again. Slow (a build takes minutes): run by scripts/test-containers."""
 
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 import uuid
 
 from tests.conftest import free_port, generate
-from tests.containers.conftest import container_log, podman
+from tests.containers.conftest import RUN_ON_HOST, container_log, podman, wait_healthy
 
 
 def test_the_image_answers_over_mqtt_and_stops_cleanly_with_sigterm(
@@ -22,16 +20,8 @@ def test_the_image_answers_over_mqtt_and_stops_cleanly_with_sigterm(
     podman("volume", "create", volume)
     name = f"edgeai-test-{node}"
     run = [
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--network",
-        "host",
-        "-v",
-        f"{volume}:/data",
-        "-v",
-        f"{model_for_containers}:/model:ro",
+        *RUN_ON_HOST,
+        *("--name", name, "-v", f"{volume}:/data", "-v", f"{model_for_containers}:/model:ro"),
         *("-e", "EDGEAI_MODEL=/model", "-e", "EDGEAI_TINY_VAE=/model/taesd"),
         *("-e", f"EDGEAI_NODE_ID={node}", "-e", "EDGEAI_MQTT_HOST=127.0.0.1"),
         *("-e", f"EDGEAI_MQTT_PORT={broker.port}", "-e", f"EDGEAI_MQTT_USERNAME={node}"),
@@ -47,14 +37,7 @@ def test_the_image_answers_over_mqtt_and_stops_cleanly_with_sigterm(
 
     try:
         podman(*run)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, container_log(name)
-                time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{http_port}", name)
         assert generate(client, Agent, id="boxed-1")["status"] == "ok"
         # A long job running, one queued; SIGTERM: the first finishes, the second waits.
         client.subscribe(f"{Agent.base}/result/+", f"{Agent.base}/jobs/boxed-long")
