@@ -114,11 +114,15 @@ def prepare_app_environment(
         options = json.loads(options_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SettingsError(f"cannot read the app's options {options_path}: {exc}") from exc
-    broker = None if options.get("mqtt_host") else mqtt_service(token, services_url)
-    variables = app_environment(options if isinstance(options, dict) else {}, broker)
-    for name, value in variables.items():
+    if not isinstance(options, dict):
+        raise SettingsError(f"the app's options {options_path} are not a JSON object")
+    if options.get("mqtt_host"):
+        broker, where = None, "its options"
+    else:
+        broker = mqtt_service(token, services_url)
+        where = (
+            "the Supervisor" if broker else "nowhere: install the Mosquitto app or set mqtt_host"
+        )
+    for name, value in app_environment(options, broker).items():
         environ.setdefault(name, value)
-    where = "its options" if options.get("mqtt_host") else "the Supervisor"
-    if broker is None and not options.get("mqtt_host"):
-        where = "nowhere: install the Mosquitto app or set mqtt_host"
     return f"running as a Home Assistant app; the MQTT broker from {where}"

@@ -57,11 +57,8 @@ def file_name(job_id: str, image_format: ImageFormat, key: str = "") -> str:
     a URL handed out for the earlier job goes on serving that job's picture (or nothing, once
     retention removed it), never the new one.
     """
-    return (
-        f"{job_id}.{key}.{EXTENSIONS[image_format]}"
-        if key
-        else f"{job_id}.{EXTENSIONS[image_format]}"
-    )
+    stem = f"{job_id}.{key}" if key else job_id
+    return f"{stem}.{EXTENSIONS[image_format]}"
 
 
 @dataclass(frozen=True)

@@ -331,7 +331,16 @@ def request(prompt: str = "a red apple", **fields) -> str:
     return json.dumps({"prompt": prompt, **fields})
 
 
-def generate(client: TestClient, agent: AgentProcess, timeout: float = 60.0, **fields) -> dict:
+@dataclass(frozen=True)
+class Node:
+    """An agent known only by its topics (one run by scripts/run, a container, compose)."""
+
+    base: str
+
+
+def generate(
+    client: TestClient, agent: AgentProcess | Node, timeout: float = 60.0, **fields
+) -> dict:
     """Send one JSON request and return its result (subscribing first, so nothing is missed)."""
     job_id = fields.setdefault("id", uuid.uuid4().hex[:12])
     fields.setdefault("prompt", "a red apple")

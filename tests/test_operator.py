@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import mqtt_client
-from tests.conftest import ARTIFACTS, ROOT, free_port, generate, wait_for_port
+from tests.conftest import ARTIFACTS, ROOT, Node, free_port, generate, wait_for_port
 
 TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 
@@ -78,10 +78,8 @@ def test_scripts_run_tells_the_story_and_stops_cleanly_on_ctrl_c(tiny_model, tmp
         client = mqtt_client.TestClient(mqtt_port, "edgeai-client", password)
         url = f"http://127.0.0.1:{http_port}"
 
-        class Agent:
-            base = f"edgeai/{node}"
-
-        assert generate(client, Agent, id="story-mqtt")["status"] == "ok"
+        agent = Node(f"edgeai/{node}")
+        assert generate(client, agent, id="story-mqtt")["status"] == "ok"
         status, created = http_json(url + "/api/jobs", {"prompt": "x", "id": "story-page"}, token)
         assert status == 202, created
         status, answer = http_json(url + "/v1/images/generations", {"prompt": "x"}, token)
@@ -95,7 +93,7 @@ def test_scripts_run_tells_the_story_and_stops_cleanly_on_ctrl_c(tiny_model, tmp
         restarted = subprocess.Popen(["mosquitto", "-c", str(config)])
         wait_for_port(mqtt_port)
         wait_for_text(output, "reconnected to the broker", timeout=60)
-        assert generate(client, Agent, id="story-after")["status"] == "ok"
+        assert generate(client, agent, id="story-after")["status"] == "ok"
         client.close()
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C
         assert run.wait(90) == 0

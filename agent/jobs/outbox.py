@@ -258,7 +258,7 @@ class Outbox:
         """Rebuild a stored reply, reading the base64 back from the image file if still there."""
         if stored.get("status") != "ok" or spec.output == "url":
             return stored
-        path = self._store.folder / spec.image_file
+        path = self.store_path(spec)
         try:
             data = await asyncio.to_thread(path.read_bytes)
         except OSError:

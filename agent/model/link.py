@@ -325,8 +325,10 @@ class WorkerLink:
     def _log_ready(self, ready: Ready) -> None:
         """The model's one line: what, where, in which precision, and the memory it takes."""
         pid = self._process.pid if self._process is not None else None
-        peak = peak_rss_bytes(pid) if pid is not None else None
-        memory = f"{peak / 2**30:.2f} GiB at peak" if peak is not None else "unknown"
+        if pid is not None:  # read now: the sampler's last reading may be older
+            self.peak_bytes = peak_rss_bytes(pid) or self.peak_bytes
+        peak = self.peak_bytes
+        memory = f"{peak / GIB:.2f} GiB at peak" if peak is not None else "unknown"
         log.info(
             "model ready: %s on %s in %s (%s), loaded in %.1f s, warm-up %.1f s; worker memory %s",
             ready.model,

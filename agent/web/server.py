@@ -12,6 +12,7 @@ without following links: nothing else is reachable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -202,15 +203,17 @@ class AgentHttpServer:
         if not allowed:
             self._on_refusal("unauthorized")
             refused = route.shape.error(401, "unauthorized", "this needs the API token")
-            return _with(refused, {"WWW-Authenticate": 'Bearer realm="edgeai-agent"'})
+            return dataclasses.replace(
+                refused, headers={"WWW-Authenticate": 'Bearer realm="edgeai-agent"'}
+            )
         if raw.content_length is not None and raw.content_length > self._config.max_body_bytes:
             return self._too_large(route)
-        if route.method == "POST" and cross_site_write(headers):
+        if route.method != "POST":
+            return None
+        if cross_site_write(headers):
             self._on_refusal("cross_site")
             message = "a request from another site's page may not change anything here"
             return route.shape.error(403, "cross_site", message)
-        if route.method != "POST":
-            return None
         if raw.body_exists and not is_json(headers.get("content-type", "")):
             self._on_refusal("unsupported_media_type")
             message = "send the body as JSON, with Content-Type: application/json"
@@ -241,7 +244,7 @@ class AgentHttpServer:
             await response.prepare(raw)
             async for chunk in stream.chunks:
                 await response.write(chunk)
-        except (ConnectionResetError, ConnectionError):
+        except ConnectionError:
             log.debug("a stream was closed by the client")
         finally:
             await stream.chunks.aclose()
@@ -300,7 +303,3 @@ class MalformedRequestLog(logging.LoggerAdapter[logging.Logger]):
             self.logger.debug("refused a malformed request (%s)", error.message)
             return
         super().exception(msg, *args, **kwargs)
-
-
-def _with(response: Response, headers: dict[str, str]) -> Response:
-    return Response(response.status, response.content_type, response.body, headers)

@@ -20,7 +20,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import ROOT, free_port, generate
+from tests.conftest import ROOT, Node, free_port, generate
 from tests.containers.conftest import RUN_ON_HOST, container_log, podman, wait_healthy
 from tests.test_web import IngressProxy, chromium_driver
 from tests.threaded_server import ThreadedServer
@@ -113,10 +113,8 @@ def test_the_app_takes_its_options_and_the_supervisors_broker_and_serves_ingress
         # The broker the Supervisor handed out works; discovery goes on as before.
         client.wait_for(f"homeassistant/image/{node}/image/config")
 
-        class Agent:
-            base = f"edgeai/{node}"
-
-        assert generate(client, Agent, id="app-1")["status"] == "ok"
+        agent = Node(f"edgeai/{node}")
+        assert generate(client, agent, id="app-1")["status"] == "ok"
         # All state is the app's, under /data.
         assert (data / "journal.sqlite3").exists()
         assert (data / "api-token").exists()

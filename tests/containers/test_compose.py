@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import mqtt_client
-from tests.conftest import ROOT, free_port, generate
+from tests.conftest import ROOT, Node, free_port, generate
 from tests.containers.conftest import podman, wait_healthy
 
 DEPLOY = ROOT / "deploy"
@@ -61,10 +61,8 @@ def test_compose_brings_up_the_broker_and_the_agent(image, model_for_containers,
         password = (Path(volume) / "credentials" / "edgeai-client.password").read_text().strip()
         client = mqtt_client.TestClient(mqtt_port, "edgeai-client", password)
 
-        class Agent:
-            base = f"edgeai/{node}"
-
-        assert generate(client, Agent, id="composed-1")["status"] == "ok"
+        agent = Node(f"edgeai/{node}")
+        assert generate(client, agent, id="composed-1")["status"] == "ok"
         client.close()
     finally:
         env_file.unlink(missing_ok=True)

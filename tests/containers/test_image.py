@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from tests.conftest import free_port, generate
+from tests.conftest import Node, free_port, generate
 from tests.containers.conftest import RUN_ON_HOST, container_log, podman, wait_healthy
 
 
@@ -32,30 +32,28 @@ def test_the_image_answers_over_mqtt_and_stops_cleanly_with_sigterm(
     ]
     client = broker.client()
 
-    class Agent:
-        base = f"edgeai/{node}"
-
+    agent = Node(f"edgeai/{node}")
     try:
         podman(*run)
         wait_healthy(f"http://127.0.0.1:{http_port}", name)
-        assert generate(client, Agent, id="boxed-1")["status"] == "ok"
+        assert generate(client, agent, id="boxed-1")["status"] == "ok"
         # A long job running, one queued; SIGTERM: the first finishes, the second waits.
-        client.subscribe(f"{Agent.base}/result/+", f"{Agent.base}/jobs/boxed-long")
+        client.subscribe(f"{agent.base}/result/+", f"{agent.base}/jobs/boxed-long")
         client.publish(
-            f"{Agent.base}/generate", json.dumps({"prompt": "x", "id": "boxed-long", "steps": 50})
+            f"{agent.base}/generate", json.dumps({"prompt": "x", "id": "boxed-long", "steps": 50})
         )
-        client.publish(f"{Agent.base}/generate", json.dumps({"prompt": "x", "id": "boxed-queued"}))
-        client.wait_for(f"{Agent.base}/jobs/boxed-long", lambda m: m.json().get("step") == 1)
+        client.publish(f"{agent.base}/generate", json.dumps({"prompt": "x", "id": "boxed-queued"}))
+        client.wait_for(f"{agent.base}/jobs/boxed-long", lambda m: m.json().get("step") == 1)
         podman("kill", "--signal", "TERM", name)
         assert podman("wait", name, timeout=120) == "0"
-        assert client.wait_for(f"{Agent.base}/result/boxed-long").json()["status"] == "ok"
+        assert client.wait_for(f"{agent.base}/result/boxed-long").json()["status"] == "ok"
         logs = container_log(name)
         assert "Traceback" not in logs
         assert "INFO agent.app: stopping" in logs
         assert " WARNING " not in logs
         # Started again on the same volume: the queued job is answered.
         podman("start", name)
-        queued = client.wait_for(f"{Agent.base}/result/boxed-queued", timeout=300).json()
+        queued = client.wait_for(f"{agent.base}/result/boxed-queued", timeout=300).json()
         assert queued["status"] == "ok"
         user = podman("exec", name, "id", "-u")
         assert user == "1000"  # not root
