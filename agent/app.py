@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.images import ImageStore
 from agent.jobs.admission import REQUEST_OUTCOMES, Admission
+from agent.jobs.init_images import InitImages
 from agent.jobs.journal import Journal
 from agent.jobs.outbox import Outbox
 from agent.jobs.runner import Runner
@@ -170,6 +171,7 @@ class Agent:
             settings.thermal_poll_s,
             changed,
         )
+        init_images = InitImages(settings.init_images_path, settings)
         runner = Runner(
             worker=worker,
             outbox=outbox,
@@ -178,6 +180,7 @@ class Agent:
             metrics=metrics,
             max_attempts=settings.max_attempts,
             on_change=changed,
+            init_images=init_images,
             storage=storage,
         )
         admission = Admission(
@@ -186,6 +189,7 @@ class Agent:
             metrics=metrics,
             max_queue=settings.max_queue,
             on_change=changed,
+            init_images=init_images,
             storage=storage,
         )
         metrics.queue_depth.set_function(lambda: float(admission.queue_depth))
@@ -289,8 +293,7 @@ class Agent:
         if parts.fleet is not None and parts.fleet.link is not None:
             parts.fleet.link.start()
         parts.worker.start()
-        for entry in await parts.journal.unfinished():
-            await parts.runner.resume(entry)
+        await parts.runner.resume_all(await parts.journal.unfinished())
         tasks = [
             asyncio.create_task(parts.admission.run(), name="admission"),
             asyncio.create_task(parts.runner.run(), name="runner"),

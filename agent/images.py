@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
-FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[0-9a-f]{16})?\.(png|jpg|webp)$")
-"""Names of files the agent writes (a job id, the job's image key, an extension); nothing else
-is ever served."""
+FILE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}(\.[0-9a-f]{16})?(\.source)?\.(png|jpg|webp)$")
+"""Names of files the agent writes (a job id, the job's image key, ``.source`` for the thumbnail
+of the picture an image-to-image job started from, an extension); nothing else is ever served."""
 IMAGE_KEY_BYTES = 8
 """Random bytes of a job's image key (16 hex characters in its file name)."""
 
@@ -50,14 +50,24 @@ def encode_image(image: Image, image_format: ImageFormat, quality: int) -> bytes
     return buffer.getvalue()
 
 
-def file_name(job_id: str, image_format: ImageFormat, key: str = "") -> str:
+def file_name(
+    job_id: str, image_format: ImageFormat, key: str = "", *, source: bool = False
+) -> str:
     """Return the file name of a job's image: its id, its image key and the format's extension.
 
     The key is new for each admitted job, so a client that reuses an id later gets a new file:
     a URL handed out for the earlier job goes on serving that job's picture (or nothing, once
     retention removed it), never the new one.
+
+    Args:
+        job_id: The job's id.
+        image_format: The file's format.
+        key: The job's image key.
+        source: The thumbnail of the picture an image-to-image job started from.
     """
     stem = f"{job_id}.{key}" if key else job_id
+    if source:
+        stem += ".source"
     return f"{stem}.{EXTENSIONS[image_format]}"
 
 

@@ -39,6 +39,8 @@ HTTP_REFUSALS = (
     "body_timeout",
 )
 """Why the HTTP server refuses a request before its handler (400, 401, 403, 415, 413, 408)."""
+MODES = ("txt2img", "img2img")
+"""The ``mode`` label: text-to-image, or image-to-image (a request with an init image)."""
 
 
 class HardwareCollector:
@@ -103,13 +105,16 @@ class AgentMetrics:
         self.registry = registry
         self.generation_seconds = Histogram(
             "edgeai_generation_seconds",
-            "Time the model took for one image: text encoding, denoising and decoding.",
+            "Time the model took for one image: text encoding, denoising and decoding; by mode "
+            "(txt2img, img2img).",
+            ["mode"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.job_seconds = Histogram(
             "edgeai_job_seconds",
-            "Time from receiving a request to publishing its result.",
+            "Time from receiving a request to publishing its result; by mode (txt2img, img2img).",
+            ["mode"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -133,8 +138,9 @@ class AgentMetrics:
         )
         self.requests = Counter(
             "edgeai_requests",
-            "Requests received, by outcome: accepted, or the error code they were refused with.",
-            ["outcome"],
+            "Requests received, by outcome (accepted, or the error code they were refused with) "
+            "and mode (txt2img, or img2img for a request with an init image).",
+            ["outcome", "mode"],
             registry=registry,
         )
         self.api_requests = Counter(
@@ -228,8 +234,11 @@ class AgentMetrics:
 
     def prime(self, outcomes: list[str]) -> None:
         """Create every labelled series at zero so dashboards and rate() see them from the start."""
-        for outcome in outcomes:
-            self.requests.labels(outcome=outcome)
+        for mode in MODES:
+            for outcome in outcomes:
+                self.requests.labels(outcome=outcome, mode=mode)
+            self.generation_seconds.labels(mode=mode)
+            self.job_seconds.labels(mode=mode)
         for status in ("done", "failed", "cancelled"):
             self.jobs.labels(status=status)
         for reason in HTTP_REFUSALS:

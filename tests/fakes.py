@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.images import ImageStore
 from agent.jobs.admission import REQUEST_OUTCOMES, Admission
+from agent.jobs.init_images import InitImages
 from agent.jobs.journal import Journal
 from agent.jobs.outbox import Outbox
 from agent.jobs.runner import Runner
@@ -159,6 +160,7 @@ def build_jobs(folder: Path, worker: ScriptedWorker | None = None, **overrides) 
     outbox = Outbox(link, topics, store, metrics, "http://agent.test")  # type: ignore[arg-type]
     worker = worker or ScriptedWorker()
     guard = ThermalGuard(str(folder / "no-thermal-zone"), 80.0, 70.0, 1.0, lambda: None)
+    init_images = InitImages(settings.init_images_path, settings)
     runner = Runner(
         worker=worker,
         outbox=outbox,
@@ -167,6 +169,7 @@ def build_jobs(folder: Path, worker: ScriptedWorker | None = None, **overrides) 
         metrics=metrics,
         max_attempts=settings.max_attempts,
         on_change=lambda: None,
+        init_images=init_images,
     )
     admission = Admission(
         journal=journal,
@@ -174,6 +177,7 @@ def build_jobs(folder: Path, worker: ScriptedWorker | None = None, **overrides) 
         metrics=metrics,
         max_queue=settings.max_queue,
         on_change=lambda: None,
+        init_images=init_images,
     )
     metrics.queue_depth.set_function(lambda: float(admission.queue_depth))
     tasks = [asyncio.create_task(admission.run()), asyncio.create_task(runner.run())]

@@ -101,7 +101,9 @@ CASES = [
 
 def requests_counter(metrics: str, outcome: str) -> float:
     match = re.search(
-        rf'^edgeai_requests_total{{outcome="{outcome}"}} (\S+)$', metrics, re.MULTILINE
+        rf'^edgeai_requests_total{{mode="txt2img",outcome="{outcome}"}} (\S+)$',
+        metrics,
+        re.MULTILINE,
     )
     assert match, f"no edgeai_requests_total for {outcome}"
     return float(match.group(1))

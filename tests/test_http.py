@@ -41,8 +41,10 @@ def test_metrics_pass_promtool_and_count_jobs(shared_agent, client):
     )
     assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
     assert re.search(r'^edgeai_jobs_total\{status="done"\} [1-9]', text, re.MULTILINE)
-    assert re.search(r'^edgeai_requests_total\{outcome="accepted"\} [1-9]', text, re.MULTILINE)
-    assert re.search(r"^edgeai_generation_seconds_count [1-9]", text, re.MULTILINE)
+    accepted = r'^edgeai_requests_total\{mode="txt2img",outcome="accepted"\} [1-9]'
+    assert re.search(accepted, text, re.MULTILINE)
+    generated = r'^edgeai_generation_seconds_count\{mode="txt2img"\} [1-9]'
+    assert re.search(generated, text, re.MULTILINE)
     assert re.search(r'^edgeai_stage_seconds_count\{stage="denoising"\} [1-9]', text, re.MULTILINE)
     assert re.search(r'^edgeai_stage_seconds_count\{stage="queue_wait"\} [1-9]', text, re.MULTILINE)
     assert re.search(r"^edgeai_queue_wait_seconds_count [1-9]", text, re.MULTILINE)

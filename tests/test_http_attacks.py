@@ -70,7 +70,7 @@ def rss_bytes(agent, field: str = "VmRSS") -> int:
 
 
 def jobs_created(agent) -> float:
-    return agent.metric("edgeai_requests_total", outcome="accepted") or 0.0
+    return agent.metric("edgeai_requests_total", outcome="accepted", mode="txt2img") or 0.0
 
 
 def post(agent, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:

@@ -15,8 +15,9 @@ import sqlite3
 
 import pytest
 
+from agent.jobs.errors import ErrorCode, RequestError
 from agent.jobs.journal import JobStatus
-from agent.jobs.requests import ErrorCode, RequestError, parse_generate
+from agent.jobs.requests import parse_generate
 from agent.mqtt.link import Acknowledgement, Inbound
 from agent.mqtt.routes import Background, MqttRoutes, Requests
 from tests.fakes import ScriptedWorker, build_jobs
@@ -66,7 +67,7 @@ def test_an_admitted_request_is_journaled_queued_run_and_answered_once(tmp_path)
         assert entry.status is JobStatus.DELIVERED  # the broker acknowledged the reply
         events = [json.loads(p.payload)["event"] for p in jobs.link.on(jobs.topics.job("one"))]
         assert events == ["queued", "running", "running", "done"]
-        assert jobs.sample("edgeai_requests_total", outcome="accepted") == 1
+        assert jobs.sample("edgeai_requests_total", outcome="accepted", mode="txt2img") == 1
         assert jobs.sample("edgeai_api_requests_total", api="mqtt", outcome="accepted") == 1
         assert jobs.sample("edgeai_queue_depth") == 0
         await jobs.close()
@@ -105,7 +106,7 @@ def test_a_full_queue_refuses_busy_and_counts_it(tmp_path):
         assert isinstance(refused, RequestError)
         assert refused.code is ErrorCode.BUSY
         assert refused.job_id == "c"
-        assert jobs.sample("edgeai_requests_total", outcome="busy") == 1
+        assert jobs.sample("edgeai_requests_total", outcome="busy", mode="txt2img") == 1
         assert jobs.sample("edgeai_api_requests_total", api="web", outcome="busy") == 1
         await asyncio.gather(first, second)
         jobs.worker.gate.set()
@@ -132,8 +133,8 @@ def test_the_same_request_again_is_never_run_twice_another_under_a_busy_id_is_re
         assert again.redelivered
         await until(lambda: len(jobs.link.on(jobs.topics.result("x"))) == 2)
         assert len(jobs.worker.runs) == 1
-        assert jobs.sample("edgeai_requests_total", outcome="redelivered") == 2
-        assert jobs.sample("edgeai_requests_total", outcome="duplicate_id") == 1
+        assert jobs.sample("edgeai_requests_total", outcome="redelivered", mode="txt2img") == 2
+        assert jobs.sample("edgeai_requests_total", outcome="duplicate_id", mode="txt2img") == 1
         await jobs.close()
 
     run(scenario)
@@ -175,7 +176,7 @@ def test_a_journal_that_fails_answers_and_frees_the_place(tmp_path, failure, cod
         assert refused.code.value == code
         assert str(failure) in refused.message
         assert jobs.admission.queue_depth == 0
-        assert jobs.sample("edgeai_requests_total", outcome=code) == 1
+        assert jobs.sample("edgeai_requests_total", outcome=code, mode="txt2img") == 1
         await jobs.close()
 
     run(scenario)

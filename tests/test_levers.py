@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -601,3 +602,19 @@ def test_the_pipeline_decodes_with_the_fused_decoder(options):
     image, _ = generate(model)
     difference = np.abs(np.asarray(image, "f4") - np.asarray(first, "f4"))
     assert difference.mean() < 1.0
+
+
+def test_a_picture_restyled_again_is_encoded_once_with_the_same_result(options):
+    from PIL import Image as PILImage  # noqa: PLC0415
+
+    from tests.pictures import picture  # noqa: PLC0415
+
+    model = Text2Image(options)
+    start = PILImage.open(io.BytesIO(picture(320, 256))).convert("RGB")
+    first, _ = generate(model, width=320, height=256, init_image=start, strength=0.5, seed=3)
+    again, _ = generate(model, width=320, height=256, init_image=start, strength=0.5, seed=3)
+    cache = model._pipeline.vae.encode
+    assert cache.hits == 1
+    other = Text2Image(options)  # no cache yet: encodes it
+    fresh, _ = generate(other, width=320, height=256, init_image=start, strength=0.5, seed=3)
+    assert png(first) == png(again) == png(fresh)

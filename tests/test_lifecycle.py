@@ -148,7 +148,7 @@ def test_a_full_queue_answers_busy(broker, make_agent):
     assert "queue is full" in busy["error"]["message"]
     assert client.wait_for(f"{base}/result/first").json()["status"] == "ok"
     assert client.wait_for(f"{base}/result/second").json()["status"] == "ok"
-    assert re.search(r'edgeai_requests_total\{outcome="busy"\} 1.0', agent.metrics())
+    assert re.search(r'edgeai_requests_total\{mode="txt2img",outcome="busy"\} 1.0', agent.metrics())
     client.close()
 
 

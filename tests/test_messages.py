@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.jobs.requests import ErrorCode, RequestError, parse_cancel, parse_generate
+from agent.jobs.errors import ErrorCode, RequestError
+from agent.jobs.requests import parse_cancel, parse_generate
 from agent.mqtt.topics import reply_topic_problem
 from agent.settings import Settings
 

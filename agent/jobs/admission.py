@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.images import IMAGE_KEY_BYTES
+from agent.jobs.errors import ErrorCode, RequestError
 from agent.jobs.journal import JobStatus
-from agent.jobs.requests import ErrorCode, RequestError
 from agent.jobs.runner import Job
 from agent.machine.disk import StorageWatch, is_full
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from agent.jobs.init_images import InitImages
     from agent.jobs.journal import Journal
     from agent.jobs.requests import JobSpec
     from agent.jobs.runner import Runner
@@ -60,6 +61,9 @@ class Ticket:
     settled: asyncio.Future[Admitted]
     cancel_requested: bool = False
     """A cancel came before the request was journaled: the job is cancelled once it is."""
+    prepared: asyncio.Task[JobSpec] | None = None
+    """An image-to-image request's picture being fetched, checked and stored (begun at once;
+    the request is journaled in its turn once it is done)."""
 
 
 class Admission:
@@ -73,6 +77,7 @@ class Admission:
         metrics: AgentMetrics,
         max_queue: int,
         on_change: Callable[[], None],
+        init_images: InitImages,
         storage: StorageWatch | None = None,
     ) -> None:
         """Create the admission; :meth:`run` journals what is offered.
@@ -83,8 +88,10 @@ class Admission:
             metrics: Request outcomes (per API) and the queue depth.
             max_queue: Jobs waiting at most; one more is refused as busy.
             on_change: Called when the queue depth changes.
+            init_images: Where image-to-image requests' pictures are checked and stored.
             storage: Where a journal that cannot be written is recorded.
         """
+        self._init_images = init_images
         self._journal = journal
         self._runner = runner
         self._metrics = metrics
@@ -133,10 +140,14 @@ class Admission:
             spec = dataclasses.replace(parse(), image_key=secrets.token_hex(IMAGE_KEY_BYTES))
             self._check_room(spec)
         except RequestError as exc:
-            self._count(exc.code.value, api)
+            self._count(exc.code.value, api, exc.mode)
             settled.set_exception(exc)
             return settled
         ticket = Ticket(spec, fingerprint, expires_at, api, settled)
+        if spec.init_source is not None:
+            ticket.prepared = asyncio.create_task(
+                self._init_images.prepare(spec), name=f"init-image-{spec.id}"
+            )
         self._pending.append(ticket)
         self._intake.put_nowait(ticket)
         self._changed()
@@ -160,28 +171,36 @@ class Admission:
 
     def refuse(self, error: RequestError, api: str) -> None:
         """Count a request an entry point refused before it could be offered (a retained one)."""
-        self._count(error.code.value, api)
+        self._count(error.code.value, api, error.mode)
 
     async def run(self) -> None:
         """Journal each admitted request in arrival order, then queue it (cancel to stop)."""
         while True:
             ticket = await self._intake.get()
+            mode = ticket.spec.mode
+            admitted: Admitted | None = None
             try:
+                if ticket.prepared is not None:
+                    ticket.spec = await ticket.prepared
                 admitted = await self._accept(ticket)
                 if ticket.cancel_requested:
                     await self._runner.cancel(admitted.spec.id)
             except RequestError as exc:
-                self._count(exc.code.value, ticket.api)
+                exc.job_id, exc.reply_to = ticket.spec.id, ticket.spec.reply_to
+                self._count(exc.code.value, ticket.api, mode)
                 ticket.settled.set_exception(exc)
             except Exception as exc:  # noqa: BLE001 - a request must never go unanswered
                 error = self._error_of(exc, ticket.spec)
-                self._count(error.code.value, ticket.api)
+                self._count(error.code.value, ticket.api, mode)
                 ticket.settled.set_exception(error)
             else:
                 self._storage.succeeded("the journal")
                 ticket.settled.set_result(admitted)
             finally:
                 self._pending.remove(ticket)
+                if admitted is None or admitted.redelivered:
+                    # Stored for a request that never became a job of its own.
+                    await self._init_images.discard(ticket.spec)
                 self._changed()
 
     async def _accept(self, ticket: Ticket) -> Admitted:
@@ -189,7 +208,7 @@ class Admission:
         entry = await self._journal.get(spec.id)
         if entry is not None and entry.request_hash == ticket.fingerprint:
             # The same request again: never run it twice; a finished one is answered again.
-            self._count("redelivered", ticket.api)
+            self._count("redelivered", ticket.api, spec.mode)
             if entry.status in (JobStatus.DONE, JobStatus.DELIVERED):
                 await self._runner.redeliver(entry)
             return Admitted(entry.spec, redelivered=True)
@@ -203,7 +222,7 @@ class Admission:
         await self._journal.add(spec, ticket.fingerprint, ticket.expires_at)
         self.last_spec = spec
         self._runner.submit(Job(spec, expires_at=ticket.expires_at, source=ticket.api))
-        self._count("accepted", ticket.api)
+        self._count("accepted", ticket.api, spec.mode)
         return Admitted(spec)
 
     def _error_of(self, exc: Exception, spec: JobSpec) -> RequestError:
@@ -227,6 +246,7 @@ class Admission:
                 "the agent is shutting down",
                 job_id=spec.id,
                 reply_to=spec.reply_to,
+                mode=spec.mode,
             )
         if self.queue_depth >= self._max_queue:
             raise RequestError(
@@ -234,10 +254,11 @@ class Admission:
                 f"the queue is full ({self._max_queue} jobs); try again later",
                 job_id=spec.id,
                 reply_to=spec.reply_to,
+                mode=spec.mode,
             )
 
-    def _count(self, outcome: str, api: str) -> None:
-        self._metrics.requests.labels(outcome=outcome).inc()
+    def _count(self, outcome: str, api: str, mode: str) -> None:
+        self._metrics.requests.labels(outcome=outcome, mode=mode).inc()
         self._metrics.api_requests.labels(api=api, outcome=outcome).inc()
 
     def _changed(self) -> None:

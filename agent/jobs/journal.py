@@ -13,6 +13,7 @@ thread also keeps every write in order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -68,7 +69,9 @@ class JournalEntry:
 
 
 def _spec_to_json(spec: JobSpec) -> str:
-    fields = asdict(spec)
+    # The picture as sent is not kept: its stored file (init_image) is.
+    fields = asdict(dataclasses.replace(spec, init_source=None))
+    del fields["init_source"]
     data = fields.pop("correlation_data")
     fields["correlation_data"] = data.hex() if data is not None else None
     return json.dumps(fields)

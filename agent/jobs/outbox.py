@@ -9,8 +9,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent.jobs.errors import ErrorCode, RequestError, error_body
 from agent.jobs.events import JobEvents
-from agent.jobs.requests import ErrorCode, RequestError, error_body
 from agent.machine.disk import StorageWatch, is_full
 from agent.mqtt.link import MqttError
 
@@ -82,13 +82,13 @@ class Outbox:
         except MqttError:
             log.exception("publish failed")
 
-    def store_path(self, spec: JobSpec) -> Path:
-        """Return the path of a job's image file."""
-        return self._store.folder / spec.image_file
+    def store_path(self, spec: JobSpec, *, source: bool = False) -> Path:
+        """Return the path of a job's image file (``source``: its init image's thumbnail)."""
+        return self._store.folder / (spec.source_file if source else spec.image_file)
 
-    def url(self, spec: JobSpec) -> str:
-        """Return the URL a job's image is served at."""
-        name = spec.image_file
+    def url(self, spec: JobSpec, *, source: bool = False) -> str:
+        """Return the URL a job's image is served at (``source``: its init image's thumbnail)."""
+        name = spec.source_file if source else spec.image_file
         signature = self._sign(name)
         url = f"{self.base_url}/images/{name}"
         return url if signature is None else f"{url}?sig={signature}"
@@ -140,7 +140,12 @@ class Outbox:
             return None
 
     async def result(
-        self, spec: JobSpec, finished: Finished, received: float, queue_wait: float
+        self,
+        spec: JobSpec,
+        finished: Finished,
+        received: float,
+        queue_wait: float,
+        source: bytes | None = None,
     ) -> tuple[dict[str, Any], str]:
         """Store the image and build the job's result.
 
@@ -149,6 +154,8 @@ class Outbox:
             finished: The worker's image and timings.
             received: ``time.monotonic()`` when the request arrived.
             queue_wait: Seconds the job waited in the queue.
+            source: A thumbnail of the picture an image-to-image job started from, kept beside
+                its image for the gallery.
 
         Returns:
             The result body, and the image in base64.
@@ -180,8 +187,9 @@ class Outbox:
             "seed": spec.seed,
             "width": spec.width,
             "height": spec.height,
-            "steps": spec.steps,
+            "steps": spec.steps_run,
             "guidance_scale": spec.guidance_scale,
+            "mode": spec.mode,
             "model": self.model,
             "latency_s": round(latency, 4),
             "timings": {
@@ -197,13 +205,26 @@ class Outbox:
         }
         if unsaved is not None:
             body["image"]["note"] = unsaved
-        self._metrics.generation_seconds.observe(generation)
+        if spec.strength is not None:
+            body["strength"] = spec.strength
+            if source is not None and unsaved is None and await self._keep_source(spec, source):
+                body["init_image"] = {"url": self.url(spec, source=True)}
+        self._metrics.generation_seconds.labels(mode=spec.mode).observe(generation)
         if stages.get("prompt_cache_hit"):
             self._metrics.prompt_cache_hits.inc()
         for stage in ("text_encoding", "denoising", "decoding", "image_encoding"):
             self._metrics.stage_seconds.labels(stage=stage).observe(stages[stage])
-        self._metrics.job_seconds.observe(latency)
+        self._metrics.job_seconds.labels(mode=spec.mode).observe(latency)
         return body, encoded
+
+    async def _keep_source(self, spec: JobSpec, source: bytes) -> bool:
+        """Store the thumbnail of an image-to-image job's picture; a failure costs only that."""
+        try:
+            await asyncio.to_thread(self._store.save, spec.source_file, source)
+        except OSError as exc:
+            log.warning("the source thumbnail of %s was not stored: %s", spec.id, exc)
+            return False
+        return True
 
     def _deliverable(self, spec: JobSpec, encoded: str) -> bool:
         """Return whether the result itself can carry the image (no file needed)."""
@@ -239,7 +260,7 @@ class Outbox:
             "seed": spec.seed,
             "width": spec.width,
             "height": spec.height,
-            "steps": spec.steps,
+            "steps": spec.steps_run,
             "format": spec.format,
             "latency_s": body["latency_s"],
             "url": self.url(spec) if saved else None,

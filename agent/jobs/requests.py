@@ -1,4 +1,4 @@
-"""Wire formats: parsing requests into jobs, and the error codes every reply uses."""
+"""Wire formats: parsing requests (generate, cancel) into jobs, within their bounds."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import json
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.images import file_name
-from agent.model.protocol import GenerateJob
+from agent.jobs.errors import ErrorCode, RequestError, field_error
+from agent.jobs.init_images import InitSource, parse_init_image
+from agent.model.protocol import GenerateJob, denoising_steps
 from agent.mqtt.topics import is_encodable, reply_topic_problem
 from agent.settings import ImageFormat, OutputMode
 
@@ -24,63 +25,6 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """Job ids become file names and topic levels, so only these characters are allowed."""
 
 MAX_SEED = 2**32 - 1
-
-
-class ErrorCode(StrEnum):
-    """Stable error codes: clients and metrics key on these, so never rename one."""
-
-    PAYLOAD_TOO_LARGE = "payload_too_large"
-    INVALID_UTF8 = "invalid_utf8"
-    INVALID_JSON = "invalid_json"
-    INVALID_REQUEST = "invalid_request"
-    UNKNOWN_FIELD = "unknown_field"
-    EMPTY_PROMPT = "empty_prompt"
-    OUT_OF_RANGE = "out_of_range"
-    BAD_SIZE = "bad_size"
-    BAD_REPLY_TO = "bad_reply_to"
-    DUPLICATE_ID = "duplicate_id"
-    BUSY = "busy"
-    UNKNOWN_JOB = "unknown_job"
-    CANCELLED = "cancelled"
-    GENERATION_FAILED = "generation_failed"
-    WORKER_CRASHED = "worker_crashed"
-    MODEL_UNAVAILABLE = "model_unavailable"
-    SHUTTING_DOWN = "shutting_down"
-    RETAINED_REQUEST = "retained_request"
-    EXPIRED = "expired"
-    NO_PROMPT = "no_prompt"
-    STORAGE_FULL = "storage_full"
-    STORAGE_ERROR = "storage_error"
-    INTERNAL_ERROR = "internal_error"
-
-
-class RequestError(Exception):
-    """A request cannot be served; carries what the error reply needs."""
-
-    def __init__(
-        self,
-        code: ErrorCode,
-        message: str,
-        *,
-        job_id: str | None = None,
-        reply_to: str | None = None,
-        field: str | None = None,
-    ) -> None:
-        """Create the error.
-
-        Args:
-            code: The stable error code.
-            message: A sentence a person understands.
-            job_id: The request's id, when one could be read.
-            reply_to: The request's reply topic, when one could be read and is valid.
-            field: The request field at fault, when one is (HTTP APIs name it).
-        """
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.job_id = job_id
-        self.reply_to = reply_to
-        self.field = field
 
 
 class GenerateRequest(BaseModel):
@@ -99,6 +43,9 @@ class GenerateRequest(BaseModel):
     format: ImageFormat | None = None
     id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
     reply_to: str | None = None
+    init_image: str | None = None
+    """Image-to-image: the picture to start from, base64 (or a data URL) or an http(s) URL."""
+    strength: float | None = None
 
 
 class CancelRequest(BaseModel):
@@ -130,14 +77,40 @@ class JobSpec:
     image_key: str = ""
     """Random, given when the job is admitted: part of its image's file name (empty in jobs
     journaled before keys existed)."""
+    strength: float | None = None
+    """Image-to-image: how far the picture may change; None for text-to-image."""
+    init_image: str = ""
+    """Image-to-image: the stored init image's file name, once admission has checked and stored
+    it (journaled with the job; removed once the job is answered)."""
+    init_source: InitSource | None = field(default=None, repr=False, compare=False)
+    """The init image as it came (or as stored, for the regenerate button): never journaled."""
+
+    @property
+    def mode(self) -> str:
+        """Return ``img2img`` for a job that starts from a picture, else ``txt2img``."""
+        return "txt2img" if self.strength is None else "img2img"
+
+    @property
+    def steps_run(self) -> int:
+        """Return the denoising steps this job runs (image-to-image runs a part of them)."""
+        return denoising_steps(self.steps, self.strength)[1]
 
     @property
     def image_file(self) -> str:
         """Return the name of this job's image file."""
         return file_name(self.id, self.format, self.image_key)
 
-    def worker_job(self) -> GenerateJob:
-        """Return what the worker process needs to generate and encode the image."""
+    @property
+    def source_file(self) -> str:
+        """Return the name of the thumbnail of the picture an image-to-image job started from."""
+        return file_name(self.id, "jpeg", self.image_key, source=True)
+
+    def worker_job(self, init_image: str | None = None) -> GenerateJob:
+        """Return what the worker process needs to generate and encode the image.
+
+        Args:
+            init_image: The path of the stored init image, for an image-to-image job.
+        """
         return GenerateJob(
             id=self.id,
             prompt=self.prompt,
@@ -148,6 +121,8 @@ class JobSpec:
             guidance_scale=self.guidance_scale,
             seed=self.seed,
             format=self.format,
+            init_image=init_image,
+            strength=self.strength,
         )
 
 
@@ -205,19 +180,6 @@ def decode_text(payload: bytes, limit: int) -> str:
         ) from exc
 
 
-def field_error(exc: ValidationError) -> RequestError:
-    """Return the request error for a pydantic validation error: its first problem, named."""
-    first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "request"
-    if first["type"] == "extra_forbidden":
-        return RequestError(ErrorCode.UNKNOWN_FIELD, f"unknown field {field!r}", field=field)
-    if first["type"] == "missing":
-        return RequestError(
-            ErrorCode.INVALID_REQUEST, f"the field {field!r} is required", field=field
-        )
-    return RequestError(ErrorCode.INVALID_REQUEST, f"{field}: {first['msg']}", field=field)
-
-
 def _readable_id(data: dict[str, Any]) -> str | None:
     job_id = data.get("id")
     if isinstance(job_id, str) and re.fullmatch(JOB_ID_PATTERN, job_id):
@@ -251,6 +213,7 @@ def parse_generate(
     """
     reply_to: str | None = None
     job_id: str | None = None
+    mode = "txt2img"
     try:
         # A bad Response Topic is reported once the id is read, so the error carries it.
         topic_problem: RequestError | None = None
@@ -258,8 +221,12 @@ def parse_generate(
             reply_to = _checked_reply_to(response_topic, settings)
         except RequestError as exc:
             topic_problem = exc
-        data = _decode_request(payload, settings.max_payload_bytes)
+        data = _decode_request(payload, settings)
         job_id = _readable_id(data)
+        if "init_image" in data:
+            mode = "img2img"
+        else:
+            _check_text_bound(payload, settings)
         if topic_problem is not None:
             raise topic_problem
         if reply_to is None and isinstance(data.get("reply_to"), str):
@@ -271,18 +238,44 @@ def parse_generate(
         return _resolve(request, settings, reply_to, correlation_data)
     except RequestError as exc:
         # Whatever failed, the reply goes wherever the request could be traced back to.
-        exc.job_id, exc.reply_to = job_id, reply_to
+        exc.job_id, exc.reply_to, exc.mode = job_id, reply_to, mode
         raise
 
 
-def _decode_request(payload: bytes, limit: int) -> dict[str, Any]:
+def _decode_request(payload: bytes, settings: Settings) -> dict[str, Any]:
+    """Decode a request within the image bound (the caller checks the text bound after).
+
+    A text-only request is then held to ``max_payload_bytes``, as tightly as ever.
+    """
+    limit = max(settings.max_payload_bytes, settings.max_image_payload_bytes)
+    if len(payload) > limit:
+        raise RequestError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the payload is {len(payload)} bytes; the limit is {settings.max_payload_bytes}"
+            f" ({limit} with an init_image)",
+        )
     text = decode_text(payload, limit)
     if text.lstrip()[:1] not in ("{", "["):
-        return {"prompt": text.strip()}
-    data = decode_json(payload, limit)
+        data: Any = {"prompt": text.strip()}
+    else:
+        data = decode_json(payload, limit)
     if not isinstance(data, dict):
         raise RequestError(ErrorCode.INVALID_REQUEST, "a JSON request must be an object")
     return data
+
+
+def _check_text_bound(payload: bytes, settings: Settings) -> None:
+    """Hold a request without an init image to the text bound.
+
+    Raises:
+        RequestError: It is over ``max_payload_bytes``.
+    """
+    if len(payload) > settings.max_payload_bytes:
+        raise RequestError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the payload is {len(payload)} bytes; the limit is {settings.max_payload_bytes}"
+            f" ({settings.max_image_payload_bytes} with an init_image)",
+        )
 
 
 def _checked_reply_to(topic: str | None, settings: Settings) -> str | None:
@@ -314,9 +307,16 @@ def _resolve(  # noqa: C901 - one check per field, in the order a client reads t
             raise RequestError(
                 ErrorCode.INVALID_REQUEST, f"{name} is not valid Unicode", field=name
             )
-    width = settings.default_width if request.width is None else request.width
-    height = settings.default_height if request.height is None else request.height
+    source, strength = parse_init_image(request.init_image, request.strength, settings)
+    # An init image gives the size a request leaves out; 0 until its picture is read.
+    default_width, default_height = (
+        (0, 0) if source is not None else (settings.default_width, settings.default_height)
+    )
+    width = default_width if request.width is None else request.width
+    height = default_height if request.height is None else request.height
     for name, size in (("width", width), ("height", height)):
+        if size == 0 and source is not None and getattr(request, name) is None:
+            continue
         if not settings.min_size <= size <= settings.max_size:
             raise RequestError(
                 ErrorCode.OUT_OF_RANGE,
@@ -361,6 +361,8 @@ def _resolve(  # noqa: C901 - one check per field, in the order a client reads t
         format=request.format or settings.default_format,
         reply_to=reply_to,
         correlation_data=correlation_data,
+        strength=strength,
+        init_source=source,
     )
 
 
@@ -386,8 +388,3 @@ def readable_id(payload: bytes, limit: int) -> str | None:
     except RequestError:
         return None
     return _readable_id(data) if isinstance(data, dict) else None
-
-
-def error_body(job_id: str | None, code: ErrorCode, message: str) -> dict[str, Any]:
-    """Return the JSON body of an error reply."""
-    return {"id": job_id, "status": "error", "error": {"code": code.value, "message": message}}

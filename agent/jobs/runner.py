@@ -10,8 +10,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agent.jobs.errors import ErrorCode, RequestError, error_body
 from agent.jobs.journal import JobStatus
-from agent.jobs.requests import ErrorCode, RequestError, error_body
 from agent.machine.disk import StorageWatch, is_full
 from agent.model.link import WorkerDiedError, WorkerUnavailableError
 from agent.model.protocol import Cancelled, Failed, Finished
@@ -19,6 +19,7 @@ from agent.model.protocol import Cancelled, Failed, Finished
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from agent.jobs.init_images import InitImages
     from agent.jobs.journal import Journal, JournalEntry
     from agent.jobs.outbox import Outbox
     from agent.jobs.requests import JobSpec
@@ -60,6 +61,7 @@ class Runner:
         metrics: AgentMetrics,
         max_attempts: int,
         on_change: Callable[[], None],
+        init_images: InitImages,
         storage: StorageWatch | None = None,
     ) -> None:
         """Create the runner; :meth:`run` serves the queue.
@@ -72,8 +74,11 @@ class Runner:
             metrics: Queue and job metrics.
             max_attempts: Runs of a job whose worker died before the job fails.
             on_change: Called when the queue or the running job changes.
+            init_images: Image-to-image jobs' pictures: handed to the worker, removed once
+                their job is answered.
             storage: Where a failed write of the journal is recorded.
         """
+        self._init_images = init_images
         self._worker = worker
         self._outbox = outbox
         self._journal = journal
@@ -127,6 +132,12 @@ class Runner:
         self._outbox.job_event(job.spec.id, "queued", position=self._queue.index(job) + 1)
         self._changed()
         self._wakeup.set()
+
+    async def resume_all(self, entries: list[JournalEntry]) -> None:
+        """Take back the jobs the journal had waiting; other jobs' pictures are removed."""
+        self._init_images.sweep({entry.spec.init_image for entry in entries})
+        for entry in entries:
+            await self.resume(entry)
 
     async def resume(self, entry: JournalEntry) -> None:
         """Take back a job the journal had queued or running when the agent stopped."""
@@ -216,7 +227,7 @@ class Runner:
         queue_wait = time.monotonic() - job.received
         self._metrics.queue_wait_seconds.observe(queue_wait)
         self._metrics.stage_seconds.labels(stage="queue_wait").observe(queue_wait)
-        self._outbox.job_event(spec.id, "running", step=0, steps=spec.steps)
+        self._outbox.job_event(spec.id, "running", step=0, steps=spec.steps_run)
 
         def progress(step: int, steps: int) -> None:
             job.step = step
@@ -228,7 +239,8 @@ class Runner:
             await self._fail(job, ErrorCode.CANCELLED, "cancelled before it started")
             return True
         try:
-            outcome = await self._worker.run(spec.worker_job(), progress)
+            init_image = str(self._init_images.path(spec)) if spec.init_image else None
+            outcome = await self._worker.run(spec.worker_job(init_image), progress)
         except WorkerDiedError as exc:
             if attempt < self._max_attempts:
                 log.warning(
@@ -250,8 +262,10 @@ class Runner:
     async def _succeed(self, job: Job, finished: Finished, queue_wait: float) -> None:
         spec = job.spec
         begun = time.monotonic()
-        body, encoded = await self._outbox.result(spec, finished, job.received, queue_wait)
+        source = await self._init_images.thumbnail(spec)
+        body, encoded = await self._outbox.result(spec, finished, job.received, queue_wait, source)
         await self._record(spec.id, self._outbox.stored(body))
+        await self._init_images.discard(spec)
         self._wake_waiters(spec.id)
         # The latest-image topics first: a client that gets the result finds them updated.
         self._outbox.latest(spec, body, encoded)
@@ -290,6 +304,7 @@ class Runner:
         self._log_end(job, status, f"{time.monotonic() - job.received:.2f} s: {message}")
         body: dict[str, Any] = error_body(job.spec.id, code, message)
         await self._record(job.spec.id, body)
+        await self._init_images.discard(job.spec)
         self._wake_waiters(job.spec.id)
         self._outbox.job_event(job.spec.id, status, error=body["error"])
         self._confirm(job.spec, self._outbox.reply(job.spec, body))
@@ -298,7 +313,9 @@ class Runner:
     def _log_end(job: Job, outcome: str, detail: str) -> None:
         """Log the one line a job gets: id, outcome, where from, size, steps, time."""
         spec = job.spec
-        steps = f"{spec.steps} step{'s' if spec.steps != 1 else ''}"
+        steps = f"{spec.steps_run} step{'s' if spec.steps_run != 1 else ''}"
+        if spec.strength is not None:
+            steps += f" from a picture at strength {spec.strength:g}"
         log.info(
             "job %s %s: from %s, %dx%d, %s, %s",
             spec.id,

@@ -114,7 +114,7 @@ class JobService:
         waiting = self._admission.queue_depth
         if job is None or job.started is None:
             return {"progress": 0.0, "eta_s": 0.0, "step": 0, "steps": 0, "queued": waiting}
-        steps = job.spec.steps
+        steps = job.spec.steps_run
         fraction = job.step / steps if steps else 0.0
         elapsed = time.monotonic() - job.started
         eta = elapsed / fraction * (1 - fraction) if fraction > 0 else self._runner.last_latency_s
@@ -138,17 +138,21 @@ class JobService:
             spec = entry.spec
             if not self._outbox.store_path(spec).exists():
                 continue  # removed by retention
-            images.append(
-                {
-                    "id": spec.id,
-                    "prompt": spec.prompt,
-                    "seed": spec.seed,
-                    "width": spec.width,
-                    "height": spec.height,
-                    "format": spec.format,
-                    "url": self._outbox.url(spec),
-                    "created": entry.received_at,
-                    "latency_s": (entry.reply or {}).get("latency_s"),
-                }
-            )
+            image: dict[str, Any] = {
+                "id": spec.id,
+                "prompt": spec.prompt,
+                "seed": spec.seed,
+                "width": spec.width,
+                "height": spec.height,
+                "format": spec.format,
+                "url": self._outbox.url(spec),
+                "created": entry.received_at,
+                "latency_s": (entry.reply or {}).get("latency_s"),
+                "mode": spec.mode,
+            }
+            if spec.strength is not None:
+                image["strength"] = spec.strength
+                if self._outbox.store_path(spec, source=True).exists():
+                    image["source_url"] = self._outbox.url(spec, source=True)
+            images.append(image)
         return images[:limit]

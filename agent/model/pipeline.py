@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderTiny, AutoPipelineForText2Image
+from diffusers import AutoencoderTiny, AutoPipelineForImage2Image, AutoPipelineForText2Image
 
 from agent.machine.memory import GIB, MemoryLimit, memory_limit, return_free_memory
+from agent.model.encode_cache import EncodeCache
 from agent.model.fused import fuse_relu_convolutions
 from agent.model.half_probe import half_compute_speedup
 from agent.model.pages import MappedPages
@@ -34,7 +35,7 @@ from agent.model.precision import (
     packs_weights,
     use_half_weights,
 )
-from agent.model.protocol import PipelineOptions, Ready
+from agent.model.protocol import PipelineOptions, Ready, denoising_steps
 from agent.model.upcast import UpcastArena
 from agent.model.warmup import warmup_size
 from agent.model.weights import Placement, channels_last_layout, place_weights
@@ -216,6 +217,7 @@ class Text2Image:
 
         # The pipeline calls self.encode_prompt, so an instance attribute wraps it in place.
         self._pipeline.encode_prompt = timed_encode_prompt
+        self._image2image = self._image_to_image(timed_encode_prompt)
         load_seconds = time.perf_counter() - started
         warmed_size = (
             warmup_size(
@@ -237,6 +239,19 @@ class Text2Image:
             copied_bytes=placement.copied,
             warmup_size=warmed_size,
         )
+
+    def _image_to_image(self, encode_prompt: Callable[..., Any]) -> Any:  # noqa: ANN401 - diffusers' pipeline
+        """Return the image-to-image pipeline over the same components (no weight copied).
+
+        Its encoder is the VAE's own: TAESDXL's where the tiny VAE is used. The same picture is
+        encoded once (:class:`EncodeCache`), prompts go through the same cache as text-to-image.
+        """
+        pipeline = AutoPipelineForImage2Image.from_pipe(self._pipeline)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.encode_prompt = encode_prompt
+        vae = self._pipeline.vae
+        vae.encode = EncodeCache(vae.encode)
+        return pipeline
 
     def _place_weights(
         self,
@@ -322,8 +337,10 @@ class Text2Image:
         seed: int,
         on_step: Callable[[int, int], None],
         cancelled: Callable[[], bool],
+        init_image: Image | None = None,
+        strength: float | None = None,
     ) -> tuple[Image, GenerationTimings]:
-        """Generate one image.
+        """Generate one image, from text alone or from a picture.
 
         Args:
             prompt: What to draw.
@@ -335,6 +352,9 @@ class Text2Image:
             seed: Seed of the initial noise; the same seed gives the same image.
             on_step: Called with (step done, steps) after each denoising step.
             cancelled: Polled after each step; True stops the job.
+            init_image: The picture to start from, already width x height; None for
+                text-to-image.
+            strength: How far the picture may change (0 < s <= 1), with ``init_image``.
 
         Returns:
             The image and the time per stage.
@@ -345,27 +365,30 @@ class Text2Image:
         self._timings = timings = GenerationTimings()
         started = time.perf_counter()
         generator = torch.Generator(device=self.device).manual_seed(seed)
+        schedule, steps_run = denoising_steps(steps, strength if init_image else None)
 
         def step_end(
             _pipe: object, step: int, _timestep: object, kwargs: dict[str, Any]
         ) -> dict[str, Any]:
-            on_step(step + 1, steps)
+            on_step(step + 1, steps_run)
             if cancelled():
                 raise JobCancelledError
             timings.marks["denoised"] = time.perf_counter()
             return kwargs
 
+        common: dict[str, Any] = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": schedule,
+            "guidance_scale": guidance_scale,
+            "generator": generator,
+            "callback_on_step_end": step_end,
+        }
         with torch.inference_mode():
-            output = self._pipeline(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                width=width,
-                height=height,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                callback_on_step_end=step_end,
-            )
+            if init_image is None:
+                output = self._pipeline(width=width, height=height, **common)
+            else:
+                output = self._image2image(image=init_image, strength=strength, **common)
         finished = time.perf_counter()
         denoised = timings.marks.get("denoised", finished)
         timings.denoising = denoised - started - timings.text_encoding

@@ -66,6 +66,31 @@ class WorkerConfig:
     log_level: str = "INFO"
 
 
+def denoising_steps(steps: int, strength: float | None) -> tuple[int, int]:
+    """Return the schedule's length and the steps that run, for ``steps`` at ``strength``.
+
+    Image-to-image starts part-way down the noise schedule: diffusers runs the last
+    ``steps x strength`` of ``steps``, rounded down (2 steps at strength 0.5 run one). Where
+    that is none the pipeline would refuse, so the schedule is lengthened until one step runs:
+    1 step at 0.5 becomes a schedule of 2 running its last. Text-to-image runs every step.
+
+    Args:
+        steps: The steps asked for.
+        strength: The image-to-image strength (0.01 <= s <= 1: the schedule is at most 100 long),
+            or None for text-to-image.
+
+    Returns:
+        (num_inference_steps to give the pipeline, steps it runs), with diffusers' own rounding.
+    """
+    if strength is None:
+        return steps, steps
+    # diffusers' SDXL get_timesteps: it runs min(int(n * s), n) of a schedule of n steps.
+    schedule = max(steps, int(1 / strength) - 1)
+    while int(schedule * strength) < 1:
+        schedule += 1
+    return schedule, min(int(schedule * strength), schedule)
+
+
 @dataclass(frozen=True)
 class GenerateJob:
     """Daemon to worker: generate one image and encode it."""
@@ -79,6 +104,11 @@ class GenerateJob:
     guidance_scale: float
     seed: int
     format: ImageFormat
+    init_image: str | None = None
+    """Image-to-image: the path of the picture to start from (a PNG the daemon wrote, exactly
+    width x height); None for text-to-image."""
+    strength: float | None = None
+    """How far the picture may change (0 < s <= 1); None for text-to-image."""
 
 
 @dataclass(frozen=True)

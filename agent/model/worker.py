@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.synchronize import Event
 
+    from PIL.Image import Image as PILImage
+
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -85,6 +87,7 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
             return  # Stop
         job_id = command.id
         try:
+            init_image = _init_image(command.init_image)
             image, timings = model.generate(
                 prompt=command.prompt,
                 negative_prompt=command.negative_prompt,
@@ -95,6 +98,8 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
                 seed=command.seed,
                 on_step=partial(_send_progress, connection, job_id),
                 cancelled=cancel.is_set,
+                init_image=init_image,
+                strength=command.strength,
             )
             begun = time.perf_counter()
             data = encode_image(image, command.format, config.jpeg_quality)
@@ -134,6 +139,16 @@ def _go_first_when_memory_runs_out() -> None:
     """
     with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text(f"{WORKER_OOM_SCORE_ADJ}\n", encoding="ascii")
+
+
+def _init_image(path: str | None) -> PILImage | None:
+    """Return the picture an image-to-image job starts from (the daemon checked and sized it)."""
+    if path is None:
+        return None
+    from PIL import Image  # noqa: PLC0415 - the worker's own import, like the pipeline's
+
+    with Image.open(path) as picture:
+        return picture.convert("RGB")
 
 
 def _send_progress(connection: Connection, job_id: str, step: int, steps: int) -> None:

@@ -22,13 +22,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.jobs.requests import error_body
+from agent.jobs.errors import error_body
 from agent.mqtt.link import Acknowledgement, MqttError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.jobs.requests import JobSpec, RequestError
+    from agent.jobs.errors import RequestError
+    from agent.jobs.requests import JobSpec
     from agent.metrics import AgentMetrics
     from agent.mqtt.link import Inbound, MqttLink
     from agent.mqtt.routes import Background, Requests

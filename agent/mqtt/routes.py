@@ -19,14 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from paho.mqtt.client import topic_matches_sub
 
-from agent.jobs.requests import (
-    MAX_SEED,
-    ErrorCode,
-    RequestError,
-    parse_cancel,
-    parse_generate,
-    readable_id,
-)
+from agent.jobs.errors import ErrorCode, RequestError
+from agent.jobs.requests import MAX_SEED, parse_cancel, parse_generate, readable_id
 from agent.mqtt.link import Acknowledgement
 
 if TYPE_CHECKING:
@@ -206,6 +200,15 @@ class MqttRoutes:
             self._requests.refuse(error, message, "mqtt")
             ack()
             return
+        if last.strength is not None and last.init_source is None:
+            error = RequestError(
+                ErrorCode.NO_PROMPT,
+                "the last request started from a picture the agent no longer keeps; send it again",
+                mode="img2img",
+            )
+            self._requests.refuse(error, message, "mqtt")
+            ack()
+            return
         again = dataclasses.replace(
             last,
             id=uuid.uuid4().hex,
@@ -213,6 +216,7 @@ class MqttRoutes:
             reply_to=None,
             correlation_data=None,
             fleet_result_topic=None,
+            init_image="",  # its picture is stored anew for the new job
         )
         self._requests.admit(message, ack, lambda: again, api="mqtt")
 

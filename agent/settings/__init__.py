@@ -95,6 +95,11 @@ class Settings(ServiceSettings, ModelSettings, NetworkSettings, BaseSettings):
         return self.state_dir / "journal.sqlite3"
 
     @property
+    def init_images_path(self) -> Path:
+        """Return the folder of image-to-image jobs' pictures, kept until each is answered."""
+        return self.state_dir / "init-images"
+
+    @property
     def api_token_path(self) -> Path:
         """Return where the generated API token is kept (when api_token is not set)."""
         return self.state_dir / "api-token"

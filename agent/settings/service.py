@@ -29,7 +29,31 @@ class ServiceSettings(BaseModel):
     max_guidance_scale: float = Field(default=20.0, ge=0, description="Largest guidance scale.")
     max_prompt_chars: int = Field(default=1000, ge=1, description="Longest prompt, in characters.")
     max_payload_bytes: int = Field(
-        default=16384, ge=64, description="Largest request payload; checked before parsing."
+        default=16384,
+        ge=64,
+        description="Largest request without an init image (MQTT payload or HTTP body); "
+        "checked before parsing.",
+    )
+    max_image_payload_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request that carries an init image (base64 or a multipart file), "
+        "and largest image fetched from an init_image URL. 4 MiB holds a 3 MiB file: any "
+        "1024x1024 camera JPEG (150-400 KB) and most PNG photos of that size.",
+    )
+    init_image_max_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Most pixels an init image may have before it is resized (a 4K camera "
+        "frame is 8.3 million); a larger one, or a decompression bomb, is refused as bad_image.",
+    )
+    init_image_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names an init_image URL may be fetched from (none by default: URLs "
+        'are refused), e.g. ["nvr.local"].',
+    )
+    init_image_fetch_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Longest wait for an init_image URL's file."
     )
     max_queue: int = Field(
         default=16, ge=1, le=10000, description="Jobs waiting at most; more get a busy error."

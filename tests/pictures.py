@@ -1,0 +1,54 @@
+"""Pictures for image-to-image tests: real files of each format, and broken ones."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def picture(width: int = 320, height: int = 256, seed: int = 1, fmt: str = "PNG") -> bytes:
+    """Return a noisy picture of this size as a file (PNG, JPEG, WEBP or GIF)."""
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    """Return a file as base64 text, as a request carries it."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def png_chunks(width: int, height: int, compressed: bytes) -> bytes:
+    """Return a PNG file of this declared size around already compressed RGB rows."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", compressed)
+        + chunk(b"IEND", b"")
+    )
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """Return a PNG that declares a size and carries one empty compressed row: a bomb's head."""
+    return png_chunks(width, height, zlib.compress(b"\0" * 64))
+
+
+def zip_bomb_png(side: int = 6000) -> bytes:
+    """Return a valid PNG of ``side`` x ``side`` black pixels: 100 KB that decode to 108 MB."""
+    row = b"\0" + b"\0" * side * 3
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    return png_chunks(side, side, data)
