@@ -19,9 +19,11 @@ from aiohttp import web
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests import pictures
 from tests.conftest import ARTIFACTS
 from tests.threaded_server import ThreadedServer
 
@@ -104,7 +106,7 @@ def test_api_refusals_are_clear_and_counted(shared_agent):
     status, body = call(shared_agent, "POST", "/api/jobs", b"x" * 20000)
     assert status == 413
     assert call(shared_agent, "GET", "/api/jobs/no-such-job")[0] == 404
-    assert 'edgeai_requests_total{outcome="bad_size"}' in shared_agent.metrics()
+    assert 'edgeai_requests_total{mode="txt2img",outcome="bad_size"}' in shared_agent.metrics()
 
 
 def test_api_cancel(shared_agent):
@@ -169,6 +171,18 @@ def chromium_driver(download_dir: Path):
 PAGE_TOKEN = "page-test-token"
 
 
+def loaded_size(driver, wait, image) -> list[int]:
+    """Wait until a picture on the page has loaded; return its [width, height]."""
+    wait.until(
+        lambda d: d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth", image
+        )
+    )
+    return driver.execute_script(
+        "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image
+    )
+
+
 def test_the_page_generates_shows_and_downloads_an_image(module_broker, make_agent, tmp_path):
     # As installed: the token on, the page opened at the address scripts/run prints.
     shared_agent = make_agent(module_broker, EDGEAI_API_TOKEN=PAGE_TOKEN, EDGEAI_HTTP_AUTH="true")
@@ -199,14 +213,7 @@ def test_the_page_generates_shows_and_downloads_an_image(module_broker, make_age
                 f"\nagent's log:\n{shared_agent.log()[-6000:]}"
             )
         image = driver.find_element(By.ID, "result-image")
-        wait.until(
-            lambda d: d.execute_script(
-                "return arguments[0].complete && arguments[0].naturalWidth", image
-            )
-        )
-        size = driver.execute_script(
-            "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image
-        )
+        size = loaded_size(driver, wait, image)
         assert size == [512, 512]
         assert "seed" in driver.find_element(By.ID, "result-info").text
         wait.until(lambda d: "a lighthouse at dusk" in d.find_element(By.ID, "gallery").text)
@@ -260,7 +267,7 @@ def test_another_sites_page_cannot_create_jobs_in_a_real_browser(shared_agent, t
         functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path)),
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    accepted = shared_agent.metric("edgeai_requests_total", outcome="accepted")
+    accepted = shared_agent.metric("edgeai_requests_total", outcome="accepted", mode="txt2img")
     driver = chromium_driver(tmp_path)
     try:
         driver.get(f"http://127.0.0.1:{server.server_address[1]}/evil.html")
@@ -271,7 +278,8 @@ def test_another_sites_page_cannot_create_jobs_in_a_real_browser(shared_agent, t
         server.shutdown()
     for job_id in ("evil-form", "evil-fetch"):
         assert call(shared_agent, "GET", f"/api/jobs/{job_id}")[0] == 404
-    assert shared_agent.metric("edgeai_requests_total", outcome="accepted") == accepted
+    after = shared_agent.metric("edgeai_requests_total", outcome="accepted", mode="txt2img")
+    assert after == accepted
     assert shared_agent.metric("edgeai_http_refusals_total", reason="cross_site") >= 2
 
 
@@ -368,3 +376,49 @@ def test_the_page_works_through_home_assistant_ingress_with_no_token(module_brok
     finally:
         driver.quit()
         proxy.stop()
+
+
+def test_the_page_restyles_a_chosen_picture_and_the_gallery_shows_its_source(
+    module_broker, make_agent, tmp_path
+):
+    agent = make_agent(module_broker, EDGEAI_API_TOKEN=PAGE_TOKEN, EDGEAI_HTTP_AUTH="true")
+    photo = tmp_path / "doorbell.jpg"
+    photo.write_bytes(pictures.picture(640, 360, seed=3, fmt="JPEG"))
+    driver = chromium_driver(tmp_path)
+    try:
+        driver.get(agent.url + f"/?token={PAGE_TOKEN}")
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("a watercolour doorbell")
+        strength = driver.find_element(By.ID, "strength")
+        assert not strength.is_enabled()  # no picture yet: text-to-image
+        driver.find_element(By.ID, "init_image").send_keys(str(photo))
+        wait = WebDriverWait(driver, 90)
+        wait.until(lambda d: d.find_element(By.ID, "picture").is_displayed())
+        assert strength.is_enabled()
+        # The slider, moved as a user moves it: 0.5 -> 0.7.
+        for _ in range(4):
+            strength.send_keys(Keys.ARROW_RIGHT)
+        assert driver.find_element(By.ID, "strength-value").text == "0.7"
+        driver.find_element(By.ID, "generate").click()
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
+        image = driver.find_element(By.ID, "result-image")
+        size = loaded_size(driver, wait, image)
+        assert size == [640, 360]  # the picture's own size
+        assert "from a picture at strength 0.7" in driver.find_element(By.ID, "result-info").text
+        source = wait.until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.source") or False
+        )[0]
+        assert max(loaded_size(driver, wait, source)) == 256  # the source's thumbnail
+        assert "?sig=" in source.get_attribute("src")
+        assert "strength 0.7" in driver.find_element(By.ID, "gallery").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1100, height + 40)
+        driver.save_screenshot(str(ARTIFACTS / "web-page-restyle.png"))
+        # Removing the picture goes back to text-to-image at the chosen size.
+        driver.find_element(By.ID, "picture-remove").click()
+        assert not strength.is_enabled()
+        assert driver.find_element(By.ID, "width").get_attribute("value") == "512"
+    finally:
+        driver.quit()

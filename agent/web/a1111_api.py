@@ -1,4 +1,4 @@
-"""AUTOMATIC1111's web UI API, the part image clients use: ``/sdapi/v1/txt2img`` and friends.
+"""AUTOMATIC1111's web UI API, the part image clients use: ``/sdapi/v1/txt2img``, ``img2img``...
 
 What Open WebUI's "Automatic1111" engine sends (read from its source: ``prompt``,
 ``batch_size``, ``width``, ``height``, ``steps``, ``negative_prompt``, with HTTP Basic when
@@ -6,6 +6,10 @@ What Open WebUI's "Automatic1111" engine sends (read from its source: ``prompt``
 ``info``). Like AUTOMATIC1111 itself, fields it does not know (samplers, hires fix, scripts) are
 accepted and ignored. Switching models is not supported: ``POST /sdapi/v1/options`` is accepted,
 and its answer says so.
+
+``/sdapi/v1/img2img`` takes AUTOMATIC1111's own fields: ``init_images`` (base64, data URLs too;
+the first is used), ``denoising_strength`` (its default, 0.75, as in AUTOMATIC1111), and the
+txt2img fields; a ``mask`` is refused (inpainting is not built).
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ import hashlib
 import json
 import time
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from agent.jobs.requests import MAX_SEED, RequestError
+from agent.jobs.errors import RequestError
+from agent.jobs.requests import MAX_SEED
 from agent.web.generation import ApiError, Generation, parse_body
-from agent.web.routing import Access, Request, Response, Routes, json_body
+from agent.web.routing import Access, Body, Request, Response, Routes, json_body
 
 if TYPE_CHECKING:
     from agent.jobs.service import JobService
 
+Form = TypeVar("Form", bound="Txt2ImgRequest")
 NOT_SWITCHING = "switching models is not supported: this agent serves {model}"
 
 
@@ -56,6 +62,14 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = 1
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """The fields of ``/sdapi/v1/img2img`` the agent uses, on top of txt2img's."""
+
+    init_images: list[str] = []
+    denoising_strength: float = 0.75
+    mask: str | None = None
+
+
 class A1111Api:
     """AUTOMATIC1111's endpoints."""
 
@@ -84,6 +98,14 @@ class A1111Api:
             ("POST", "/sdapi/v1/interrupt", self.interrupt),
         ):
             routes.add(method, path, handler, access=Access.TOKEN, shape=self._errors)
+        routes.add(
+            "POST",
+            "/sdapi/v1/img2img",
+            self.img2img,
+            access=Access.TOKEN,
+            shape=self._errors,
+            body=Body(limit=self._generation.settings.max_image_payload_bytes),
+        )
 
     async def options(self, _request: Request) -> Response:
         """``GET /sdapi/v1/options``: the checkpoint in use."""
@@ -160,7 +182,24 @@ class A1111Api:
     async def txt2img(self, request: Request) -> Response:
         """``POST /sdapi/v1/txt2img``: bare base64 PNGs, the parameters, and info with the seeds."""
         try:
-            body = self._parse(request)
+            body = self._parse(request, Txt2ImgRequest)
+        except ApiError as exc:
+            return self._error(exc)
+        return await self._answer(body, {})
+
+    async def img2img(self, request: Request) -> Response:
+        """``POST /sdapi/v1/img2img``: the first init image restyled, answered like txt2img."""
+        try:
+            body = self._parse(request, Img2ImgRequest)
+            _check_img2img(body)
+        except ApiError as exc:
+            return self._error(exc)
+        extra = {"init_image": body.init_images[0], "strength": body.denoising_strength}
+        return await self._answer(body, extra)
+
+    async def _answer(self, body: Txt2ImgRequest, extra: dict[str, Any]) -> Response:
+        """Generate a request's images and answer them as AUTOMATIC1111 does."""
+        try:
             count = body.batch_size * body.n_iter
             self._generation.check_count(count, "batch_size")
             fields: dict[str, Any] = {
@@ -173,17 +212,17 @@ class A1111Api:
                 "seed": None if body.seed == -1 else body.seed,
                 "format": "png",
                 "output": "url",
+                **extra,
             }
             specs = self._generation.specs(
                 {key: value for key, value in fields.items() if value is not None}, count
             )
             pictures = await self._generation.run(specs, api="a1111")
         except ApiError as exc:
-            param = "cfg_scale" if exc.param == "guidance_scale" else exc.param
-            return self._errors.error(exc.status, exc.code, exc.message, param)
+            return self._error(exc)
         first = pictures[0].spec
         parameters = {
-            **body.model_dump(),
+            **body.model_dump(exclude={"init_images"}),
             "seed": first.seed,
             "width": first.width,
             "height": first.height,
@@ -198,7 +237,7 @@ class A1111Api:
             "all_seeds": [picture.spec.seed for picture in pictures],
             "width": first.width,
             "height": first.height,
-            "steps": first.steps,
+            "steps": first.steps_run,
             "cfg_scale": first.guidance_scale,
             "batch_size": body.batch_size,
             "n_iter": body.n_iter,
@@ -206,6 +245,8 @@ class A1111Api:
             "sd_model_hash": self.model_hash,
             "job_ids": [picture.spec.id for picture in pictures],
         }
+        if first.strength is not None:
+            info["denoising_strength"] = first.strength
         return Response.json(
             200,
             {
@@ -215,9 +256,31 @@ class A1111Api:
             },
         )
 
+    def _error(self, exc: ApiError) -> Response:
+        """Answer an error, naming each field as AUTOMATIC1111's clients sent it."""
+        param = {
+            "guidance_scale": "cfg_scale",
+            "strength": "denoising_strength",
+            "init_image": "init_images",
+        }.get(exc.param or "", exc.param)
+        return self._errors.error(exc.status, exc.code, exc.message, param)
+
     @staticmethod
-    def _parse(request: Request) -> Txt2ImgRequest:
-        body = parse_body(Txt2ImgRequest, request)
+    def _parse(request: Request, model: type[Form]) -> Form:
+        body = parse_body(model, request)
         if not -1 <= body.seed <= MAX_SEED:
             raise ApiError(400, "out_of_range", f"seed is outside -1..{MAX_SEED}", "seed")
         return body
+
+
+def _check_img2img(body: Img2ImgRequest) -> None:
+    """Refuse an img2img request with no picture, or with a mask.
+
+    Raises:
+        ApiError: What is wrong, the field named.
+    """
+    if body.mask:
+        message = "masks (inpainting) are not supported: send init_images only"
+        raise ApiError(400, "unsupported_parameter", message, "mask")
+    if not body.init_images:
+        raise ApiError(400, "invalid_request", "init_images is empty", "init_images")

@@ -9,6 +9,7 @@ nothing: its jobs run, are journaled and announced on MQTT like any other.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from agent.jobs.requests import ErrorCode, RequestError, field_error, parse_generate
+from agent.jobs.errors import ErrorCode, RequestError, field_error
+from agent.jobs.requests import parse_generate
 from agent.web.routing import json_body
 
 if TYPE_CHECKING:
@@ -96,8 +98,9 @@ class Generation:
             ApiError: A field is invalid.
         """
         first = self._parse(fields)
+        # The rest differ only in id and seed: parsed once, a picture is decoded once.
         return [first] + [
-            self._parse({**fields, "seed": (first.seed + index) % 2**32})
+            dataclasses.replace(first, id=uuid.uuid4().hex, seed=(first.seed + index) % 2**32)
             for index in range(1, count)
         ]
 

@@ -1,9 +1,13 @@
-"""OpenAI's image API: ``POST /v1/images/generations`` and ``GET /v1/models``.
+"""OpenAI's image API: ``POST /v1/images/generations``, ``/v1/images/edits``, ``GET /v1/models``.
 
 What Open WebUI, LibreChat, SillyTavern and any OpenAI SDK send, answered in OpenAI's own shapes,
 errors included (``{"error": {"message", "type", "param", "code"}}``). ``model`` may be anything:
 the loaded model answers. The agent's own fields (``seed``, ``steps``, ``negative_prompt``,
-``guidance_scale``) ride along as extra body fields.
+``guidance_scale``, and ``strength`` for edits) ride along as extra body fields.
+
+An edit is image-to-image: the uploaded ``image`` (the first, when several are sent as
+``image[]``) is the picture to start from, the prompt says what to make of it. Inpainting is not
+built, so a ``mask`` is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import base64
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.web.generation import ApiError, Generation, parse_body, parse_size
-from agent.web.routing import Access, Request, Response, Routes
+from agent.jobs.errors import field_error
+from agent.web.generation import ApiError, Generation, Picture, parse_body, parse_size
+from agent.web.routing import Access, Body, Request, Response, Routes
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests"}
 """OpenAI's ``type`` per status; the rest are ``server_error``."""
@@ -34,10 +39,10 @@ class OpenAIErrors:
         )
 
 
-class ImageRequest(BaseModel):
-    """The body of ``POST /v1/images/generations`` (OpenAI's fields and the agent's)."""
+class OpenAIImageFields(BaseModel):
+    """The fields generations and edits share (OpenAI's and the agent's)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str
     model: str | None = None
@@ -47,12 +52,10 @@ class ImageRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] | None = None
     # OpenAI's, accepted and not used: one model, one quality.
     quality: str | None = None
-    style: str | None = None
     user: str | None = None
     background: str | None = None
     moderation: str | None = None
     output_compression: int | None = None
-    safety_identifier: str | None = None
     partial_images: int | None = None
     stream: bool | None = None
     # The agent's own.
@@ -60,6 +63,39 @@ class ImageRequest(BaseModel):
     steps: int | None = None
     negative_prompt: str | None = None
     guidance_scale: float | None = None
+
+    def job_fields(self) -> dict[str, object]:
+        """Return the MQTT request's fields this body sets (the rest take their defaults)."""
+        fields: dict[str, object] = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "format": self.output_format or "png",
+            "output": "url",
+        }
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+class ImageRequest(OpenAIImageFields):
+    """The JSON body of ``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    style: str | None = None
+    safety_identifier: str | None = None
+
+
+class EditRequest(OpenAIImageFields):
+    """The text fields of ``POST /v1/images/edits`` (a form: numbers come as text)."""
+
+    input_fidelity: str | None = None
+    strength: float | None = None
+
+
+IMAGE_FIELDS = ("image", "image[]")
+"""Where OpenAI's clients put the picture: ``image``, or ``image[]`` for several."""
 
 
 class OpenAIApi:
@@ -79,6 +115,14 @@ class OpenAIApi:
             routes.add("GET", path, handler, access=Access.TOKEN, shape=self._errors)
         routes.add(
             "POST", "/v1/images/generations", self.generate, access=Access.TOKEN, shape=self._errors
+        )
+        routes.add(
+            "POST",
+            "/v1/images/edits",
+            self.edit,
+            access=Access.TOKEN,
+            shape=self._errors,
+            body=Body(limit=self._generation.settings.max_image_payload_bytes, multipart=True),
         )
 
     def _model_entry(self) -> dict[str, object]:
@@ -102,36 +146,61 @@ class OpenAIApi:
         """``POST /v1/images/generations``."""
         try:
             body = self._parse(request)
-            settings = self._generation.settings
-            count = 1 if body.n is None else body.n
-            self._generation.check_count(count, "n")
-            width, height = parse_size(body.size, settings)
-            fields = {
-                "prompt": body.prompt,
-                "negative_prompt": body.negative_prompt,
-                "width": width,
-                "height": height,
-                "steps": body.steps,
-                "guidance_scale": body.guidance_scale,
-                "seed": body.seed,
-                "format": body.output_format or "png",
-                "output": "url",
-            }
-            specs = self._generation.specs(
-                {key: value for key, value in fields.items() if value is not None}, count
-            )
-            pictures = await self._generation.run(specs, api="openai")
+            fields = body.job_fields()
+            fields["width"], fields["height"] = parse_size(body.size, self._generation.settings)
+            pictures = await self._run(body, fields)
         except ApiError as exc:
             return self._errors.error(exc.status, exc.code, exc.message, _openai_param(exc.param))
-        data = []
-        for picture in pictures:
-            entry: dict[str, object] = {"revised_prompt": picture.spec.prompt}
-            if body.response_format == "url":
-                entry["url"] = picture.reply["image"]["url"]
-            else:
-                entry["b64_json"] = base64.b64encode(picture.data).decode("ascii")
-            data.append(entry)
-        return Response.json(200, {"created": int(time.time()), "data": data})
+        return _images(pictures, body.response_format)
+
+    async def _run(self, body: OpenAIImageFields, fields: dict[str, object]) -> list[Picture]:
+        """Generate ``n`` pictures of one request's fields."""
+        count = 1 if body.n is None else body.n
+        self._generation.check_count(count, "n")
+        specs = self._generation.specs(fields, count)
+        return await self._generation.run(specs, api="openai")
+
+    async def edit(self, request: Request) -> Response:
+        """``POST /v1/images/edits``: the uploaded picture restyled as the prompt says."""
+        try:
+            body, picture = self._parse_edit(request)
+            fields = body.job_fields()
+            fields["init_image"] = base64.b64encode(picture).decode("ascii")
+            if body.strength is not None:
+                fields["strength"] = body.strength
+            if body.size not in (None, "", "auto"):
+                # Otherwise the picture's own size, within the bounds.
+                fields["width"], fields["height"] = parse_size(body.size, self._generation.settings)
+            pictures = await self._run(body, fields)
+        except ApiError as exc:
+            return self._errors.error(exc.status, exc.code, exc.message, _openai_param(exc.param))
+        return _images(pictures, body.response_format)
+
+    @staticmethod
+    def _parse_edit(request: Request) -> tuple[EditRequest, bytes]:
+        """Return an edit's fields and its picture.
+
+        Raises:
+            ApiError: Not a form, no picture, a mask, or a field that is not what it should be.
+        """
+        form = request.form
+        if form is None:
+            message = "send the edit as multipart/form-data, with the picture as the image file"
+            raise ApiError(400, "invalid_request", message, "image")
+        if "mask" in form or "mask[]" in form:
+            message = "masks (inpainting) are not supported: send the image and the prompt only"
+            raise ApiError(400, "unsupported_parameter", message, "mask")
+        images = [field for name in IMAGE_FIELDS for field in form.get(name, [])]
+        if not images:
+            raise ApiError(400, "invalid_request", "the image file is required", "image")
+        texts = {name: fields[0].text for name, fields in form.items() if name not in IMAGE_FIELDS}
+        try:
+            body = EditRequest.model_validate(texts)
+        except ValidationError as exc:
+            raise ApiError.of(field_error(exc)) from exc
+        if body.stream:
+            raise ApiError(400, "invalid_request", "streaming is not supported", "stream")
+        return body, images[0].data
 
     @staticmethod
     def _parse(request: Request) -> ImageRequest:
@@ -141,6 +210,22 @@ class OpenAIApi:
         return body
 
 
+def _images(pictures: list[Picture], response_format: str | None) -> Response:
+    """Return OpenAI's answer: each picture as base64 (its default) or as a URL."""
+    data = []
+    for picture in pictures:
+        entry: dict[str, object] = {"revised_prompt": picture.spec.prompt}
+        if response_format == "url":
+            entry["url"] = picture.reply["image"]["url"]
+        else:
+            entry["b64_json"] = base64.b64encode(picture.data).decode("ascii")
+        data.append(entry)
+    return Response.json(200, {"created": int(time.time()), "data": data})
+
+
 def _openai_param(param: str | None) -> str | None:
-    """Name a field as the client sent it: width and height came in as ``size``."""
-    return "size" if param in ("width", "height") else param
+    """Name a field as the client sent it.
+
+    Width and height came in as ``size``, the picture as ``image``.
+    """
+    return {"width": "size", "height": "size", "init_image": "image"}.get(param or "", param)

@@ -66,3 +66,8 @@ def is_json(content_type: str) -> bool:
     return media_type == "application/json" or (
         media_type.startswith("application/") and media_type.endswith("+json")
     )
+
+
+def is_form_data(content_type: str) -> bool:
+    """Return whether a Content-Type declares ``multipart/form-data`` (a file upload)."""
+    return content_type.partition(";")[0].strip().lower() == "multipart/form-data"

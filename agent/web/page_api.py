@@ -12,10 +12,12 @@ import json
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from agent.jobs.requests import JOB_ID_PATTERN, ErrorCode, RequestError, error_body
+from agent.jobs.errors import ErrorCode, RequestError, error_body
+from agent.jobs.requests import JOB_ID_PATTERN
 from agent.web.routing import (
     NOT_FOUND,
     Access,
+    Body,
     ContractErrors,
     Request,
     Response,
@@ -41,6 +43,7 @@ STREAM_MAX_S = 3600.0
 GALLERY_SIZE = 24
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
 ERROR_STATUS = {
+    ErrorCode.STORAGE_FULL: 507,
     ErrorCode.BUSY: 503,
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.DUPLICATE_ID: 409,
@@ -61,7 +64,11 @@ class PageApi:
         shape = ContractErrors()
         for path in STATIC_FILES:
             routes.add("GET", path, self.static, access=Access.OPEN, shape=shape)
-        routes.add("POST", "/api/jobs", self.create, access=Access.TOKEN, shape=shape)
+        # A job may carry a picture to start from: the image bound, not the text one.
+        pictures = Body(limit=self._jobs.settings.max_image_payload_bytes)
+        routes.add(
+            "POST", "/api/jobs", self.create, access=Access.TOKEN, shape=shape, body=pictures
+        )
         routes.add("GET", "/api/images", self.gallery, access=Access.GALLERY, shape=shape)
         routes.add("GET", JOB, self.status, access=Access.TOKEN, shape=shape)
         routes.add("GET", JOB + "/events", self.stream, access=Access.TOKEN, shape=shape)

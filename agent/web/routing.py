@@ -34,6 +34,20 @@ class Access(Enum):
 
 
 @dataclass(frozen=True)
+class FormField:
+    """One field of a ``multipart/form-data`` body: text, or a file with its name and type."""
+
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+
+    @property
+    def text(self) -> str:
+        """Return the field as text (a file's bytes, decoded leniently)."""
+        return self.data.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
 class Request:
     """One HTTP request, read whole (bodies are bounded before they are read)."""
 
@@ -47,6 +61,8 @@ class Request:
     """Named groups of the route's path pattern."""
     remote: str | None = None
     """The peer's address."""
+    form: Mapping[str, list[FormField]] | None = None
+    """A ``multipart/form-data`` body's fields by name, in order; None for any other body."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,19 @@ Handler: TypeAlias = "Callable[[Request], Awaitable[Response | Stream]]"
 
 
 @dataclass(frozen=True)
+class Body:
+    """What a route's request body may be."""
+
+    limit: int | None = None
+    """Bytes at most; None: the server's bound for requests without a picture."""
+    multipart: bool = False
+    """``multipart/form-data`` is accepted besides JSON (a file upload)."""
+
+
+JSON_BODY = Body()
+
+
+@dataclass(frozen=True)
 class Route:
     """One method and path pattern, its handler, who may use it and how it words errors."""
 
@@ -110,6 +139,7 @@ class Route:
     handler: Handler
     access: Access
     shape: ErrorShape
+    body: Body = JSON_BODY
 
 
 class Routes:
@@ -119,7 +149,7 @@ class Routes:
         """Start empty; each API adds its routes."""
         self._routes: list[Route] = []
 
-    def add(
+    def add(  # noqa: PLR0913 - a route's parts, each named at the call
         self,
         method: str,
         path: str,
@@ -127,9 +157,10 @@ class Routes:
         *,
         access: Access,
         shape: ErrorShape,
+        body: Body = JSON_BODY,
     ) -> None:
         """Add a route; ``path`` is a regular expression matched against the whole path."""
-        self._routes.append(Route(method, re.compile(f"^{path}$"), handler, access, shape))
+        self._routes.append(Route(method, re.compile(f"^{path}$"), handler, access, shape, body))
 
     def find(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         """Return the route for a request and its path parameters, or None."""

@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.images import CONTENT_TYPES, FILE_NAME
-from agent.web.origin import cross_site_write, is_json
+from agent.web.origin import cross_site_write, is_form_data, is_json
 from agent.web.routing import (
     NOT_FOUND,
     Access,
     ContractErrors,
+    FormField,
     Request,
     Response,
     Routes,
@@ -134,7 +135,8 @@ class AgentHttpServer:
         """
         self._health = health
         self._gate = gate
-        app = web.Application(client_max_size=self._config.max_body_bytes)
+        # Bodies are read by _read_within, each within its route's own bound.
+        app = web.Application()
         app.router.add_route("*", "/{path:.*}", self._handle)
         self._runner = web.AppRunner(
             app,
@@ -166,18 +168,13 @@ class AgentHttpServer:
         refusal = self._refusal(raw, route, headers, query, params)
         if refusal is not None:
             return self._send(refusal, close=raw.body_exists)
-        body = b""
-        if route.method == "POST" and raw.body_exists:
-            try:
-                async with asyncio.timeout(self._config.idle_timeout_s):
-                    body = await raw.read()
-            except web.HTTPRequestEntityTooLarge:
-                return self._send(self._too_large(route), close=True)
-            except TimeoutError:
-                self._on_refusal("body_timeout")
-                message = f"the body did not arrive within {self._config.idle_timeout_s:g} s"
-                return self._send(route.shape.error(408, "timeout", message), close=True)
-        request = Request(raw.method, split.path, query, headers, body, params, remote=raw.remote)
+        read = await self._read_body(raw, route, headers) if route.method == "POST" else None
+        if isinstance(read, Response):
+            return self._send(read, close=True)
+        body, form = read or (b"", None)
+        request = Request(
+            raw.method, split.path, query, headers, body, params, remote=raw.remote, form=form
+        )
         try:
             answer = await route.handler(request)
         except Exception as exc:  # a request must never go unanswered, even on a bug
@@ -186,7 +183,33 @@ class AgentHttpServer:
         if isinstance(answer, Stream):
             return await self._stream(raw, answer)
         # A GET's body is never read: close rather than drain it.
-        return self._send(answer, close=raw.body_exists and not body)
+        return self._send(answer, close=raw.body_exists and read is None)
+
+    async def _read_body(
+        self, raw: web.Request, route: Route, headers: dict[str, str]
+    ) -> tuple[bytes, dict[str, list[FormField]] | None] | Response | None:
+        """Read a POST's body within its route's bound and the idle timeout.
+
+        Returns:
+            The body (a form's fields too, for a form), None when there is none, or the answer
+            to a body refused while it was read (the connection is then closed).
+        """
+        if not raw.body_exists:
+            return None
+        try:
+            async with asyncio.timeout(self._config.idle_timeout_s):
+                if is_form_data(headers.get("content-type", "")):
+                    return b"", await _read_form(raw, self._limit(route))
+                return await _read_within(raw, self._limit(route)), None
+        except _BadFormError as exc:
+            self._on_refusal("malformed")
+            return route.shape.error(400, "invalid_request", str(exc))
+        except _TooLargeError:
+            return self._too_large(route)
+        except TimeoutError:
+            self._on_refusal("body_timeout")
+            message = f"the body did not arrive within {self._config.idle_timeout_s:g} s"
+            return route.shape.error(408, "timeout", message)
 
     def _refusal(
         self,
@@ -206,7 +229,7 @@ class AgentHttpServer:
             return dataclasses.replace(
                 refused, headers={"WWW-Authenticate": 'Bearer realm="edgeai-agent"'}
             )
-        if raw.content_length is not None and raw.content_length > self._config.max_body_bytes:
+        if raw.content_length is not None and raw.content_length > self._limit(route):
             return self._too_large(route)
         if route.method != "POST":
             return None
@@ -214,15 +237,24 @@ class AgentHttpServer:
             self._on_refusal("cross_site")
             message = "a request from another site's page may not change anything here"
             return route.shape.error(403, "cross_site", message)
-        if raw.body_exists and not is_json(headers.get("content-type", "")):
+        content_type = headers.get("content-type", "")
+        if raw.body_exists and not (
+            is_json(content_type) or (route.body.multipart and is_form_data(content_type))
+        ):
             self._on_refusal("unsupported_media_type")
             message = "send the body as JSON, with Content-Type: application/json"
+            if route.body.multipart:
+                message = "send the body as multipart/form-data (or JSON)"
             return route.shape.error(415, "unsupported_media_type", message)
         return None
 
+    def _limit(self, route: Route) -> int:
+        """Return the largest body a route reads."""
+        return route.body.limit or self._config.max_body_bytes
+
     def _too_large(self, route: Route) -> Response:
         self._on_refusal("payload_too_large")
-        message = f"the body is over {self._config.max_body_bytes} bytes"
+        message = f"the body is over {self._limit(route)} bytes"
         return route.shape.error(413, "payload_too_large", message)
 
     def _send(self, answer: Response, *, close: bool = False) -> web.StreamResponse:
@@ -281,6 +313,63 @@ class AgentHttpServer:
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
                 return None
             return file.read()
+
+
+class _TooLargeError(Exception):
+    """A body grew past its route's bound while it was read."""
+
+
+class _BadFormError(Exception):
+    """A multipart body that cannot be read as a form."""
+
+
+FORM_FIELDS = 64
+"""Fields a form may have at most: each costs a little, and no client sends more."""
+
+
+async def _read_form(raw: web.Request, limit: int) -> dict[str, list[FormField]]:
+    """Read a ``multipart/form-data`` body within ``limit`` bytes, field by field.
+
+    Raises:
+        _TooLargeError: The fields together pass ``limit``.
+        _BadFormError: It is not a form: no boundary, a part that is not a field, too many.
+    """
+    fields: dict[str, list[FormField]] = {}
+    total = count = 0
+    try:
+        reader = await raw.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                raise _BadFormError("every part of a form must be a named field")
+            count += 1
+            if count > FORM_FIELDS:
+                raise _BadFormError(f"a form has {FORM_FIELDS} fields at most")
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                data += chunk
+                total += len(chunk)
+                if total > limit:
+                    raise _TooLargeError
+            field = FormField(bytes(data), part.filename, part.headers.get("Content-Type"))
+            fields.setdefault(part.name, []).append(field)
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        # aiohttp's reader asserts on a missing boundary and raises on malformed parts.
+        raise _BadFormError(f"the form cannot be read: {exc or type(exc).__name__}") from exc
+    return fields
+
+
+async def _read_within(raw: web.Request, limit: int) -> bytes:
+    """Read a request's body, stopping as soon as it passes ``limit`` (chunked ones too).
+
+    Raises:
+        _TooLargeError: The body is over ``limit`` bytes.
+    """
+    body = bytearray()
+    while chunk := await raw.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLargeError
+    return bytes(body)
 
 
 class MalformedRequestLog(logging.LoggerAdapter[logging.Logger]):

@@ -58,6 +58,9 @@ async function api(method, path, body) {
 
 function fillSizes() {
   for (const id of ["width", "height"]) {
+    // "picture": the size of the picture to start from (the agent fits it within its bounds).
+    $(id).add(new Option("picture's", ""));
+    $(id).options[0].hidden = true;
     for (let size = 256; size <= 1024; size += 64) {
       const option = new Option(String(size), String(size), size === 512, size === 512);
       $(id).add(option);
@@ -65,17 +68,70 @@ function fillSizes() {
   }
 }
 
+// The picture to start from, as a data URL; null for text-to-image.
+let initImage = null;
+const PICTURE_BYTES = 3 * 1024 * 1024;
+const PICTURE_SIDE = 2048;
+
+// A phone photo can be 10 MB: a picture over the agent's bound, or larger than it will ever be
+// used, is scaled down here first (JPEG), so any picture a browser can show is accepted.
+async function pictureData(file) {
+  const bitmap = await createImageBitmap(file);
+  const scale = Math.min(1, PICTURE_SIDE / Math.max(bitmap.width, bitmap.height));
+  if (scale === 1 && file.size <= PICTURE_BYTES && /^image\/(png|jpeg|webp)$/.test(file.type)) {
+    bitmap.close();
+    return await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(new Error("the picture cannot be read"));
+      reader.readAsDataURL(file);
+    });
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.round(bitmap.width * scale);
+  canvas.height = Math.round(bitmap.height * scale);
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  return canvas.toDataURL("image/jpeg", 0.92);
+}
+
+async function choosePicture(file) {
+  if (!file) return;
+  try {
+    initImage = await pictureData(file);
+  } catch (_) {
+    showError("that file is not a picture this browser can read");
+    return;
+  }
+  $("error").hidden = true;
+  $("picture-preview").src = initImage;
+  $("picture").hidden = false;
+  $("strength").disabled = false;
+  for (const id of ["width", "height"]) $(id).value = "";
+}
+
+function removePicture() {
+  initImage = null;
+  $("init_image").value = "";
+  $("picture").hidden = true;
+  $("strength").disabled = true;
+  for (const id of ["width", "height"]) if ($(id).value === "") $(id).value = "512";
+}
+
 function request() {
   const body = {
     prompt: $("prompt").value.trim(),
-    width: Number($("width").value),
-    height: Number($("height").value),
     steps: Number($("steps").value),
     format: $("format").value,
     output: "url",
   };
+  for (const id of ["width", "height"]) if ($(id).value !== "") body[id] = Number($(id).value);
   if ($("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value.trim();
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (initImage) {
+    body.init_image = initImage;
+    body.strength = Number($("strength").value);
+  }
   return body;
 }
 
@@ -93,8 +149,9 @@ function showResult(reply) {
   const address = imageAddress(reply.image.url);
   $("result-image").src = address;
   const timings = reply.timings;
+  const from = reply.mode === "img2img" ? "from a picture at strength " + reply.strength + " · " : "";
   $("result-info").textContent =
-    "seed " + reply.seed + " · " + reply.width + "x" + reply.height + " · " +
+    from + "seed " + reply.seed + " · " + reply.width + "x" + reply.height + " · " +
     timings.total_s.toFixed(2) + " s (generation " + timings.generation_s.toFixed(2) +
     " s, queue " + timings.queue_wait_s.toFixed(2) + " s)";
   $("download").href = address;
@@ -188,7 +245,18 @@ async function loadGallery() {
       const caption = document.createElement("p");
       const when = new Date(image.created * 1000).toLocaleString();
       caption.textContent = image.prompt + " · seed " + image.seed + " · " + when;
-      item.append(picture, caption);
+      item.append(picture);
+      if (image.source_url) {
+        // What it was made from: the picture's thumbnail, and how far it was allowed to change.
+        const source = document.createElement("img");
+        source.src = imageAddress(image.source_url);
+        source.alt = "made from this picture";
+        source.className = "source";
+        source.loading = "lazy";
+        item.append(source);
+        caption.textContent += " · from the picture beside it, strength " + image.strength;
+      }
+      item.append(caption);
       list.append(item);
     }
   } catch (error) {
@@ -198,4 +266,16 @@ async function loadGallery() {
 
 fillSizes();
 $("request").addEventListener("submit", generate);
+$("init_image").addEventListener("change", () => choosePicture($("init_image").files[0]));
+$("picture-remove").addEventListener("click", removePicture);
+$("strength").addEventListener("input", () => { $("strength-value").value = $("strength").value; });
+for (const name of ["dragover", "dragenter"]) {
+  $("drop").addEventListener(name, (event) => { event.preventDefault(); $("drop").classList.add("over"); });
+}
+$("drop").addEventListener("dragleave", () => $("drop").classList.remove("over"));
+$("drop").addEventListener("drop", (event) => {
+  event.preventDefault();
+  $("drop").classList.remove("over");
+  choosePicture(event.dataTransfer.files[0]);
+});
 loadGallery();
