@@ -115,3 +115,96 @@ async def test_a_busy_agent_is_a_home_assistant_error(hass):
                 pass
     print("busy:", busy.value)
     assert "queue is full" in str(busy.value)
+
+
+def noise_png(width: int, height: int, seed: int) -> bytes:
+    """A picture of noise, different for each seed (Pillow only: Home Assistant ships it)."""
+    import io  # noqa: PLC0415
+    import random  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    generator = random.Random(seed)
+    picture = Image.frombytes(
+        "RGB", (width, height), bytes(generator.randrange(256) for _ in range(width * height * 3))
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def media_folder(hass, tmp_path, pictures: dict[str, bytes]) -> None:
+    """Give Home Assistant a media folder holding these files, as a user's /media does."""
+    from homeassistant.setup import async_setup_component  # noqa: PLC0415
+
+    for name, data in pictures.items():
+        (tmp_path / name).write_bytes(data)
+    hass.config.media_dirs = {"local": str(tmp_path)}
+    assert await async_setup_component(hass, "media_source", {})
+
+
+async def test_an_attached_picture_is_restyled(hass, tmp_path):
+    """ai_task.generate_image with a PNG from the media folder, resolved by Home Assistant."""
+    await media_folder(
+        hass, tmp_path, {"door.png": noise_png(384, 256, 1), "other.png": noise_png(384, 256, 2)}
+    )
+    entity_id = await set_up(hass, size="512x512", steps=2)
+    state = hass.states.get(entity_id)
+    assert state.attributes["supported_features"] & ai_task.AITaskEntityFeature.SUPPORT_ATTACHMENTS
+
+    async def restyle(name: str) -> dict:
+        return await hass.services.async_call(
+            "ai_task",
+            "generate_image",
+            {
+                "task_name": "watercolour",
+                "entity_id": entity_id,
+                "instructions": "turn it into a watercolour",
+                "attachments": [
+                    {
+                        "media_content_id": f"media-source://media_source/local/{name}",
+                        "media_content_type": "image/png",
+                    }
+                ],
+            },
+            blocking=True,
+            return_response=True,
+        )
+
+    door, other = await restyle("door.png"), await restyle("other.png")
+    print("restyled:", {key: value for key, value in door.items() if key != "url"})
+    # The picture's own size, not the entity's 512x512; and a different picture, a different
+    # result (the agent's seed is random each time, so only their sizes are compared here:
+    # identical bytes for identical pictures and seeds are tested on the agent's side).
+    assert (door["width"], door["height"]) == (384, 256)
+    assert (other["width"], other["height"]) == (384, 256)
+    assert door["mime_type"] == "image/png"
+    assert door["media_source_id"].startswith("media-source://ai_task/")
+    # The agent's gallery: both were image-to-image jobs, each with the picture it started from.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{URL}/api/images", headers={"Authorization": f"Bearer {TOKEN}"}) as answer,
+    ):
+        newest = (await answer.json())["images"][:2]
+    assert [image["mode"] for image in newest] == ["img2img", "img2img"]
+    assert all("source_url" in image for image in newest)
+
+
+async def test_an_attachment_that_is_not_a_picture_is_a_home_assistant_error(hass, tmp_path):
+    await media_folder(hass, tmp_path, {"notes.txt": b"not a picture"})
+    entity_id = await set_up(hass)
+    with pytest.raises(HomeAssistantError) as refused:
+        await ai_task.async_generate_image(
+            hass,
+            task_name="notes",
+            entity_id=entity_id,
+            instructions="a watercolour",
+            attachments=[
+                {
+                    "media_content_id": "media-source://media_source/local/notes.txt",
+                    "media_content_type": "text/plain",
+                }
+            ],
+        )
+    print("not a picture:", refused.value)
+    assert "not a picture" in str(refused.value)

@@ -1,8 +1,14 @@
-"""The AI Task entity: ``ai_task.generate_image`` answered by the agent."""
+"""The AI Task entity: ``ai_task.generate_image`` answered by the agent.
+
+With an attached picture (a camera snapshot, an image entity, a file from the media folder,
+resolved to a file by Home Assistant) the instructions restyle it: the first picture attached is
+the one the agent starts from; further attachments are ignored, with a warning in the log.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 from typing import TYPE_CHECKING
 
 from homeassistant.components import ai_task, conversation
@@ -14,10 +20,15 @@ from .client import AgentError
 from .const import CONF_MODEL, CONF_SIZE, CONF_STEPS, DEFAULT_SIZE, DEFAULT_STEPS, DOMAIN
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from homeassistant.core import HomeAssistant
     from homeassistant.helpers.entity_platform import AddConfigEntryEntitiesCallback
 
     from . import EdgeAIConfigEntry
+    from .client import GeneratedImage
+
+_LOGGER = logging.getLogger(__name__)
 
 
 async def async_setup_entry(
@@ -34,7 +45,9 @@ class EdgeAITaskEntity(ai_task.AITaskEntity):
 
     _attr_has_entity_name = True
     _attr_name = None
-    _attr_supported_features = ai_task.AITaskEntityFeature.GENERATE_IMAGE
+    _attr_supported_features = (
+        ai_task.AITaskEntityFeature.GENERATE_IMAGE | ai_task.AITaskEntityFeature.SUPPORT_ATTACHMENTS
+    )
 
     def __init__(self, entry: EdgeAIConfigEntry) -> None:
         """Create the entity of one config entry (one agent)."""
@@ -54,13 +67,8 @@ class EdgeAITaskEntity(ai_task.AITaskEntity):
         chat_log: conversation.ChatLog,
     ) -> ai_task.GenImageTaskResult:
         """Send the task's instructions as the prompt; return the PNG and what it is."""
-        options = self._entry.options
         try:
-            image = await self._entry.runtime_data.generate(
-                task.instructions,
-                options.get(CONF_SIZE, DEFAULT_SIZE),
-                int(options.get(CONF_STEPS, DEFAULT_STEPS)),
-            )
+            image = await self._generate(task)
         except AgentError as exc:
             raise HomeAssistantError(f"edgeai agent: {exc}") from exc
         width, height = await self.hass.async_add_executor_job(_size_of, image.data)
@@ -73,6 +81,37 @@ class EdgeAITaskEntity(ai_task.AITaskEntity):
             model=image.model,
             revised_prompt=image.revised_prompt,
         )
+
+    async def _generate(self, task: ai_task.GenImageTask) -> GeneratedImage:
+        """Generate from the instructions alone, or restyle the first attached picture."""
+        options = self._entry.options
+        steps = int(options.get(CONF_STEPS, DEFAULT_STEPS))
+        client = self._entry.runtime_data
+        attachments = task.attachments or []
+        if not attachments:
+            return await client.generate(
+                task.instructions, options.get(CONF_SIZE, DEFAULT_SIZE), steps
+            )
+        first = attachments[0]
+        if not first.mime_type.startswith("image/"):
+            raise HomeAssistantError(
+                f"edgeai agent: {first.media_content_id} is {first.mime_type}, not a picture"
+            )
+        if len(attachments) > 1:
+            _LOGGER.warning(
+                "%s: %d attachments; the agent restyles the first, %s",
+                self.entity_id,
+                len(attachments),
+                first.media_content_id,
+            )
+        picture = await self.hass.async_add_executor_job(_read, first.path)
+        return await client.edit(
+            task.instructions, picture, first.path.name, first.mime_type, steps
+        )
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 def _size_of(data: bytes) -> tuple[int, int]:

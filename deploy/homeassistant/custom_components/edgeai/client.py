@@ -76,20 +76,49 @@ class AgentClient:
             },
             REQUEST_TIMEOUT_S,
         )
+        return await self._image(body)
+
+    async def edit(
+        self, prompt: str, picture: bytes, filename: str, mime_type: str, steps: int
+    ) -> GeneratedImage:
+        """Restyle a picture as the prompt says (OpenAI's ``images/edits``, base64 back).
+
+        The output takes the picture's own size, within the agent's bounds.
+        """
+        form = aiohttp.FormData()
+        for name, value in {
+            "prompt": prompt,
+            "n": "1",
+            "size": "auto",
+            "response_format": "b64_json",
+            "output_format": "png",
+            "steps": str(steps),
+        }.items():
+            form.add_field(name, value)
+        form.add_field("image", picture, filename=filename, content_type=mime_type)
+        body = await self._request("POST", "/v1/images/edits", form, REQUEST_TIMEOUT_S)
+        return await self._image(body)
+
+    async def _image(self, body: Any) -> GeneratedImage:  # noqa: ANN401 - the agent's JSON
         item = body["data"][0]
         model = await self.model()
         return GeneratedImage(base64.b64decode(item["b64_json"]), model, item.get("revised_prompt"))
 
     async def _request(
-        self, method: str, path: str, payload: dict[str, Any] | None, seconds: float
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | aiohttp.FormData | None,
+        seconds: float,
     ) -> Any:  # noqa: ANN401 - the JSON the agent answers
+        body = {"data": payload} if isinstance(payload, aiohttp.FormData) else {"json": payload}
         try:
             async with self._session.request(
                 method,
                 self.url + path,
-                json=payload,
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=seconds),
+                **body,
             ) as response:
                 try:
                     body = await response.json(content_type=None)
