@@ -64,6 +64,33 @@ class Case:
     """Plain diffusers in a fresh process (pipeline.py), not the agent."""
     base: str | None = None
     """The case this one changes (a lever, a memory limit), compared with it round by round."""
+    restyle: bool = False
+    """Image-to-image: each request starts from the same 512x512 JPEG, strength 0.5, 2 steps
+    (one UNet evaluation, as text-to-image's 1 step)."""
+
+
+RESTYLE = {"strength": 0.5, "steps": 2}
+
+
+def restyled_picture(index: int) -> str:
+    """Return a 512x512 camera-like JPEG (smooth shapes and a little noise), as base64.
+
+    A new picture for each request (``index``), as each doorbell snapshot is: the agent's
+    cache of encoded pictures must not flatter the figures.
+    """
+    import base64  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from PIL import Image, ImageDraw, ImageFilter  # noqa: PLC0415
+
+    picture = Image.linear_gradient("L").resize((512, 512)).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle((120 + index * 7, 200, 300, 500), fill=(150, 90, 60))
+    draw.ellipse((320, 60, 460, 200), fill=(240, 220, 120))
+    noisy = Image.blend(picture, Image.effect_noise((512, 512), 40).convert("RGB"), 0.15)
+    buffer = io.BytesIO()
+    noisy.filter(ImageFilter.SMOOTH).save(buffer, format="JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 CASES = {
@@ -79,6 +106,22 @@ CASES = {
     "e": Case("the Pi path: float32 compute, float16 weights", PI_PATH, "float32"),
     "e7": Case("the Pi path in a 7 GiB cgroup (an 8 GB Pi)", PI_PATH, "float32", 7, base="e"),
     "e4": Case("the Pi path in a 4 GiB cgroup (a 4 GB Pi)", PI_PATH, "float32", 4, base="e"),
+    "ci": Case("image-to-image, default settings (strength 0.5, 2 steps)", restyle=True, base="c"),
+    "ei": Case(
+        "image-to-image, the Pi path (strength 0.5, 2 steps)",
+        PI_PATH,
+        "float32",
+        base="e",
+        restyle=True,
+    ),
+    "ei4": Case(
+        "image-to-image, the Pi path in a 4 GiB cgroup",
+        PI_PATH,
+        "float32",
+        4,
+        base="e4",
+        restyle=True,
+    ),
     "i": Case(
         "int8 weights, float32 compute",
         {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"},
@@ -203,7 +246,12 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
         latencies, results = [], []
         for index in range(jobs):
             job_id = uuid.uuid4().hex[:12]
-            request = {"id": job_id, "prompt": f"{PROMPT}, {label} {index}", "output": "url"}
+            request = {
+                "id": job_id,
+                "prompt": f"{PROMPT}, {label} {index}",
+                "output": "url",
+                **({"init_image": restyled_picture(index), **RESTYLE} if case.restyle else {}),
+            }
             sent = time.monotonic()
             client.publish(f"{agent.base}/generate", json.dumps(request))
             result = client.wait_for(f"{agent.base}/result/{job_id}", timeout=900).json()
