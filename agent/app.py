@@ -171,7 +171,7 @@ class Agent:
             settings.thermal_poll_s,
             changed,
         )
-        init_images = InitImages(settings.init_images_path, settings)
+        init_images = InitImages(settings.init_images_path, settings, storage)
         runner = Runner(
             worker=worker,
             outbox=outbox,

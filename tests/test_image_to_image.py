@@ -303,8 +303,13 @@ def test_a_full_disk_refuses_the_picture_and_room_again_restyles_it(
     refused = generate(client, agent, id="full", init_image=b64(picture()))
     print("a picture on a full disk:", refused)
     assert refused["error"]["code"] == "storage_full"
-    assert "init image" in refused["error"]["message"]
-    assert not list((small_disk / "state" / "init-images").iterdir())  # no half-written file
+    folder = small_disk / "state" / "init-images"
+    assert f"cannot write the init image in {folder}" in refused["error"]["message"]
+    assert not list(folder.iterdir())  # no half-written file
+    status, _, body = agent.http_get("/healthz")  # told as every storage failure is
+    assert status == 503
+    assert "the init image" in json.loads(body)["storage"]
     (small_disk / "other-data").unlink()
     assert generate(client, agent, id="room", init_image=b64(picture()))["status"] == "ok"
+    assert agent.http_get("/healthz")[0] == 200
     client.close()

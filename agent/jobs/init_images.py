@@ -31,6 +31,7 @@ import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agent.jobs.errors import ErrorCode, RequestError
+from agent.machine.disk import StorageWatch, is_full
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -241,15 +242,19 @@ def thumbnail(path: Path) -> bytes:
 class InitImages:
     """The folder of init images, and the checks a picture passes to get there."""
 
-    def __init__(self, folder: Path, settings: Settings) -> None:
+    def __init__(
+        self, folder: Path, settings: Settings, storage: StorageWatch | None = None
+    ) -> None:
         """Use ``folder`` (created when missing, private to the agent).
 
         Args:
             folder: Where stored init images go.
             settings: Bounds, allowed hosts and the fetch timeout.
+            storage: Where a picture that cannot be written is told (health, state, log).
         """
         self.folder = folder
         self._settings = settings
+        self._storage = storage or StorageWatch({})
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._reading = asyncio.Semaphore(1)
         """One picture decoded at a time: a 16-megapixel picture takes 48 MiB while it is."""
@@ -276,10 +281,10 @@ class InitImages:
         try:
             await asyncio.to_thread(self._write, name, png)
         except OSError as exc:
-            code = ErrorCode.STORAGE_FULL if exc.errno == 28 else ErrorCode.STORAGE_ERROR
-            raise RequestError(
-                code, f"the init image cannot be stored in {self.folder}: {exc.strerror}"
-            ) from exc
+            sentence = self._storage.failed("the init image", self.folder, exc)
+            code = ErrorCode.STORAGE_FULL if is_full(exc) else ErrorCode.STORAGE_ERROR
+            raise RequestError(code, sentence, mode="img2img") from exc
+        self._storage.succeeded("the init image")
         # The stored PNG stays in memory with the job: the regenerate button starts from it.
         return dataclasses.replace(
             spec, init_image=name, width=width, height=height, init_source=InitSource(data=png)
