@@ -618,3 +618,20 @@ def test_a_picture_restyled_again_is_encoded_once_with_the_same_result(options):
     other = Text2Image(options)  # no cache yet: encodes it
     fresh, _ = generate(other, width=320, height=256, init_image=start, strength=0.5, seed=3)
     assert png(first) == png(again) == png(fresh)
+
+
+def test_image_to_image_encodes_with_the_models_own_vae_when_no_tiny_one_is_set(options):
+    """EDGEAI_TINY_VAE empty: the full VAE's encoder (a distribution, sampled with the seed)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from PIL import Image as PILImage  # noqa: PLC0415
+
+    from tests.pictures import picture  # noqa: PLC0415
+
+    model = Text2Image(replace(options, tiny_vae=""))
+    assert type(model._pipeline.vae).__name__ == "AutoencoderKL"
+    start = PILImage.open(io.BytesIO(picture(320, 256))).convert("RGB")
+    image, _ = generate(model, width=320, height=256, init_image=start, strength=0.5)
+    again, _ = generate(model, width=320, height=256, init_image=start, strength=0.5)
+    assert image.size == (320, 256)
+    assert png(image) == png(again)
