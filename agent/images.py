@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agent.machine.disk import free_bytes
+from agent.machine.disk import free_bytes, write_atomically
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -111,14 +111,8 @@ class ImageStore:
         if not FILE_NAME.match(name):
             raise ValueError(f"not an image file name: {name!r}")
         self.make_room(len(data) + self._keep_free_bytes)
-        temporary = self.folder / f".{name}.tmp"
-        try:
-            temporary.write_bytes(data)
-            # Replacing in one rename means the HTTP server never serves half a file.
-            temporary.replace(self.folder / name)
-        except OSError:
-            temporary.unlink(missing_ok=True)  # half a file takes space too
-            raise
+        # In one rename: the HTTP server never serves half a file.
+        write_atomically(self.folder / name, data)
         self.prune(keep=name)
 
     def list(self) -> list[StoredImage]:

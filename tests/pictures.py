@@ -11,11 +11,18 @@ import numpy as np
 from PIL import Image
 
 
-def picture(width: int = 320, height: int = 256, seed: int = 1, fmt: str = "PNG") -> bytes:
-    """Return a noisy picture of this size as a file (PNG, JPEG, WEBP or GIF)."""
+def picture(
+    width: int = 320, height: int = 256, seed: int = 1, fmt: str = "PNG", orientation: int = 1
+) -> bytes:
+    """Return a noisy picture of this size as a file (PNG, JPEG, WEBP or GIF).
+
+    ``orientation`` is its EXIF orientation, as a phone writes it (6: turned a quarter).
+    """
     pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8")
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(buffer, format=fmt, exif=exif)
     return buffer.getvalue()
 
 

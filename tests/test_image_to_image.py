@@ -63,6 +63,11 @@ def test_the_output_takes_the_pictures_size_within_the_bounds(shared_agent, clie
     assert (given["width"], given["height"]) == (512, 512), given
     assert image_of(given).size == (512, 512)
     assert (one_side["width"], one_side["height"]) == (768, 432), one_side
+    # A phone's photo, stored sideways with its EXIF orientation: turned upright first.
+    upright = generate(
+        client, shared_agent, init_image=b64(picture(320, 256, fmt="JPEG", orientation=6))
+    )
+    assert (upright["width"], upright["height"]) == (256, 320), upright
 
 
 def test_steps_and_strength_decide_the_steps_run_and_progress_counts_them(shared_agent, client):

@@ -1,9 +1,8 @@
 """Init images: the pictures image-to-image jobs start from, read, checked, sized and kept.
 
-A request's ``init_image`` and ``strength`` are read here (:func:`parse_init_image`).
-
-A request's picture (base64 in the request, or fetched from a URL whose host a setting allows)
-is read here before the job is journaled: a file that is not a PNG, JPEG or WebP, a truncated
+A request's ``init_image`` and ``strength`` are parsed here (:func:`parse_init_image`). Its
+picture (base64 in the request, or fetched from a URL whose host a setting allows) is read
+before the job is journaled: a file that is not a PNG, JPEG or WebP, a truncated
 one, a decompression bomb or one with more pixels than ``init_image_max_pixels`` is refused as
 ``bad_image``. What passes is turned upright (EXIF orientation), scaled to cover the job's size
 and centre-cropped to it, and stored as a PNG of exactly that size under
@@ -31,7 +30,7 @@ import aiohttp
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agent.jobs.errors import ErrorCode, RequestError
-from agent.machine.disk import StorageWatch, is_full
+from agent.machine.disk import StorageWatch, is_full, write_atomically
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -65,6 +64,8 @@ class InitSource:
 
     data: bytes | None = None
     url: str | None = None
+    thumbnail: bytes | None = None
+    """Once stored: the gallery's JPEG of it, made while the picture was decoded anyway."""
 
 
 def parse_init_image(
@@ -169,8 +170,18 @@ def output_size(
     return side(width, source_width), side(height, source_height)
 
 
-def normalize(data: bytes, width: int, height: int, settings: Settings) -> tuple[bytes, int, int]:
-    """Check a picture and return it as a PNG of the job's size.
+@dataclass(frozen=True)
+class Normalized:
+    """A picture checked and sized for its job."""
+
+    png: bytes
+    thumbnail: bytes
+    """The gallery's JPEG of it."""
+    size: tuple[int, int]
+
+
+def normalize(data: bytes, width: int, height: int, settings: Settings) -> Normalized:
+    """Check a picture and return it as a PNG of the job's size, with its thumbnail.
 
     Args:
         data: The file as sent.
@@ -179,7 +190,7 @@ def normalize(data: bytes, width: int, height: int, settings: Settings) -> tuple
         settings: Size and pixel bounds.
 
     Returns:
-        The PNG, its width and height.
+        The PNG, the gallery's JPEG of it, and its size.
 
     Raises:
         RequestError: ``bad_image``, saying why.
@@ -199,9 +210,7 @@ def normalize(data: bytes, width: int, height: int, settings: Settings) -> tuple
         raise _bad(f"init_image cannot be read: {exc}") from exc
 
 
-def _fitted(
-    picture: Image.Image, width: int, height: int, settings: Settings
-) -> tuple[bytes, int, int]:
+def _fitted(picture: Image.Image, width: int, height: int, settings: Settings) -> Normalized:
     pixels = picture.width * picture.height
     if pixels > settings.init_image_max_pixels:
         raise _bad(
@@ -223,20 +232,26 @@ def _fitted(
     buffer = io.BytesIO()
     # Level 1: a third of the default's time (20 against 69 ms at 512x512), 20% larger.
     fitted.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue(), target[0], target[1]
+    return Normalized(buffer.getvalue(), thumbnail(fitted), target)
 
 
 def _bad(message: str) -> RequestError:
     return RequestError(ErrorCode.BAD_IMAGE, message, field="init_image", mode="img2img")
 
 
-def thumbnail(path: Path) -> bytes:
-    """Return a small JPEG of a stored init image, for the gallery."""
+def thumbnail(picture: Image.Image) -> bytes:
+    """Return a small JPEG of a picture, for the gallery."""
+    small = picture.convert("RGB")  # a copy: the picture itself stays as it is
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def stored_thumbnail(path: Path) -> bytes:
+    """Return the thumbnail of a stored init image (a job resumed after a restart)."""
     with Image.open(path) as picture:
-        picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        picture.convert("RGB").save(buffer, format="JPEG", quality=85)
-        return buffer.getvalue()
+        return thumbnail(picture)
 
 
 class InitImages:
@@ -274,41 +289,31 @@ class InitImages:
             return spec
         data = source.data if source.data is not None else await self._fetch(source.url or "")
         async with self._reading:
-            png, width, height = await asyncio.to_thread(
+            picture = await asyncio.to_thread(
                 normalize, data, spec.width, spec.height, self._settings
             )
         name = f"{spec.id}.{spec.image_key}.png" if spec.image_key else f"{spec.id}.png"
         try:
-            await asyncio.to_thread(self._write, name, png)
+            await asyncio.to_thread(write_atomically, self.folder / name, picture.png, durable=True)
         except OSError as exc:
             sentence = self._storage.failed("the init image", self.folder, exc)
             code = ErrorCode.STORAGE_FULL if is_full(exc) else ErrorCode.STORAGE_ERROR
             raise RequestError(code, sentence, mode="img2img") from exc
         self._storage.succeeded("the init image")
-        # The stored PNG stays in memory with the job: the regenerate button starts from it.
+        # The stored PNG stays in memory with the job: the regenerate button starts from it, and
+        # the gallery's thumbnail is ready when the job is answered.
+        stored = InitSource(data=picture.png, thumbnail=picture.thumbnail)
+        width, height = picture.size
         return dataclasses.replace(
-            spec, init_image=name, width=width, height=height, init_source=InitSource(data=png)
+            spec, init_image=name, width=width, height=height, init_source=stored
         )
 
-    def _write(self, name: str, data: bytes) -> None:
-        temporary = self.folder / f".{name}.tmp"
-        try:
-            with temporary.open("wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            temporary.replace(self.folder / name)
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            raise
-
     async def _fetch(self, url: str) -> bytes:
-        """Fetch an init image from an allowed host, bounded in size and time.
+        """Fetch an init image (its host checked when it was parsed), bounded in size and time.
 
         Raises:
             RequestError: ``bad_image``: not allowed, not answered, not 200, too large, too slow.
         """
-        url = checked_image_url(url, self._settings)
         limit = self._settings.max_image_payload_bytes
         timeout = aiohttp.ClientTimeout(total=self._settings.init_image_fetch_timeout_s)
         try:
@@ -334,11 +339,17 @@ class InitImages:
             raise _bad(f"init_image URL cannot be fetched: {exc}") from exc
 
     async def thumbnail(self, spec: JobSpec) -> bytes | None:
-        """Return a small JPEG of a job's init image, or None (no init image, or it is gone)."""
+        """Return a small JPEG of a job's init image, or None (no init image, or it is gone).
+
+        Made when the picture was stored; read back from its file for a job resumed after a
+        restart.
+        """
         if not spec.init_image:
             return None
+        if spec.init_source is not None and spec.init_source.thumbnail is not None:
+            return spec.init_source.thumbnail
         try:
-            return await asyncio.to_thread(thumbnail, self.path(spec))
+            return await asyncio.to_thread(stored_thumbnail, self.path(spec))
         except (OSError, ValueError):
             log.warning("the init image of job %s is gone; the gallery shows no source", spec.id)
             return None

@@ -82,9 +82,9 @@ class Outbox:
         except MqttError:
             log.exception("publish failed")
 
-    def store_path(self, spec: JobSpec, *, source: bool = False) -> Path:
-        """Return the path of a job's image file (``source``: its init image's thumbnail)."""
-        return self._store.folder / (spec.source_file if source else spec.image_file)
+    def store_path(self, spec: JobSpec) -> Path:
+        """Return the path of a job's image file."""
+        return self._store.folder / spec.image_file
 
     def url(self, spec: JobSpec, *, source: bool = False) -> str:
         """Return the URL a job's image is served at (``source``: its init image's thumbnail)."""

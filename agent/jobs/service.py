@@ -152,7 +152,7 @@ class JobService:
             }
             if spec.strength is not None:
                 image["strength"] = spec.strength
-                if self._outbox.store_path(spec, source=True).exists():
+                if "init_image" in (entry.reply or {}):  # its thumbnail was stored
                     image["source_url"] = self._outbox.url(spec, source=True)
             images.append(image)
         return images[:limit]

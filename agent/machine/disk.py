@@ -1,4 +1,4 @@
-"""Free space where the agent writes (the state folder, the image folder), and what failed there.
+"""Free space where the agent writes, what failed there, and writing files whole.
 
 A Raspberry Pi's SD card fills up. A write that fails for lack of space is told everywhere (the
 job's reply, the log, ``/healthz``, the state topic), and the free bytes are a gauge with an
@@ -20,6 +20,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_atomically(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Write a file (0600) in one rename: readers see the old file or the whole new one.
+
+    A failure removes the temporary file (half a file takes space too) and raises.
+
+    Args:
+        path: The file.
+        data: Its new content.
+        durable: Flush it to storage before the rename, so a power cut leaves no empty file
+            either (for what a restart must be able to trust).
+    """
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        temporary.replace(path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def free_bytes(folder: Path) -> int | None:

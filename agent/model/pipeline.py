@@ -354,7 +354,7 @@ class Text2Image:
             cancelled: Polled after each step; True stops the job.
             init_image: The picture to start from, already width x height; None for
                 text-to-image.
-            strength: How far the picture may change (0 < s <= 1), with ``init_image``.
+            strength: How far the picture may change (0.01 <= s <= 1), with ``init_image``.
 
         Returns:
             The image and the time per stage.

@@ -108,7 +108,7 @@ class GenerateJob:
     """Image-to-image: the path of the picture to start from (a PNG the daemon wrote, exactly
     width x height); None for text-to-image."""
     strength: float | None = None
-    """How far the picture may change (0 < s <= 1); None for text-to-image."""
+    """How far the picture may change (0.01 <= s <= 1); None for text-to-image."""
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import TYPE_CHECKING
 
+from agent.machine.disk import write_atomically
 from agent.settings import SettingsError
 from agent.web.routing import Access
 
@@ -86,18 +85,10 @@ def _write_new_token(path: Path) -> str:
         SettingsError: It cannot be written (a full disk, a read-only folder).
     """
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    temporary = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as file:
-            file.write(token + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)
+        write_atomically(path, f"{token}\n".encode("ascii"), durable=True)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
         raise SettingsError(
             f"cannot write the API token to {path}: {exc}; free some space or set EDGEAI_API_TOKEN"
         ) from exc

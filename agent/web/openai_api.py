@@ -193,14 +193,18 @@ class OpenAIApi:
         images = [field for name in IMAGE_FIELDS for field in form.get(name, [])]
         if not images:
             raise ApiError(400, "invalid_request", "the image file is required", "image")
-        texts = {name: fields[0].text for name, fields in form.items() if name not in IMAGE_FIELDS}
+        texts = {
+            name: fields[0].decode("utf-8", "replace")
+            for name, fields in form.items()
+            if name not in IMAGE_FIELDS
+        }
         try:
             body = EditRequest.model_validate(texts)
         except ValidationError as exc:
             raise ApiError.of(field_error(exc)) from exc
         if body.stream:
             raise ApiError(400, "invalid_request", "streaming is not supported", "stream")
-        return body, images[0].data
+        return body, images[0]
 
     @staticmethod
     def _parse(request: Request) -> ImageRequest:

@@ -34,20 +34,6 @@ class Access(Enum):
 
 
 @dataclass(frozen=True)
-class FormField:
-    """One field of a ``multipart/form-data`` body: text, or a file with its name and type."""
-
-    data: bytes
-    filename: str | None = None
-    content_type: str | None = None
-
-    @property
-    def text(self) -> str:
-        """Return the field as text (a file's bytes, decoded leniently)."""
-        return self.data.decode("utf-8", "replace")
-
-
-@dataclass(frozen=True)
 class Request:
     """One HTTP request, read whole (bodies are bounded before they are read)."""
 
@@ -61,8 +47,9 @@ class Request:
     """Named groups of the route's path pattern."""
     remote: str | None = None
     """The peer's address."""
-    form: Mapping[str, list[FormField]] | None = None
-    """A ``multipart/form-data`` body's fields by name, in order; None for any other body."""
+    form: Mapping[str, list[bytes]] | None = None
+    """A ``multipart/form-data`` body's fields (text or a file's bytes) by name, in order; None
+    for any other body."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from agent.web.routing import (
     NOT_FOUND,
     Access,
     ContractErrors,
-    FormField,
     Request,
     Response,
     Routes,
@@ -187,7 +186,7 @@ class AgentHttpServer:
 
     async def _read_body(
         self, raw: web.Request, route: Route, headers: dict[str, str]
-    ) -> tuple[bytes, dict[str, list[FormField]] | None] | Response | None:
+    ) -> tuple[bytes, dict[str, list[bytes]] | None] | Response | None:
         """Read a POST's body within its route's bound and the idle timeout.
 
         Returns:
@@ -327,14 +326,14 @@ FORM_FIELDS = 64
 """Fields a form may have at most: each costs a little, and no client sends more."""
 
 
-async def _read_form(raw: web.Request, limit: int) -> dict[str, list[FormField]]:
+async def _read_form(raw: web.Request, limit: int) -> dict[str, list[bytes]]:
     """Read a ``multipart/form-data`` body within ``limit`` bytes, field by field.
 
     Raises:
         _TooLargeError: The fields together pass ``limit``.
         _BadFormError: It is not a form: no boundary, a part that is not a field, too many.
     """
-    fields: dict[str, list[FormField]] = {}
+    fields: dict[str, list[bytes]] = {}
     total = count = 0
     try:
         reader = await raw.multipart()
@@ -350,8 +349,7 @@ async def _read_form(raw: web.Request, limit: int) -> dict[str, list[FormField]]
                 total += len(chunk)
                 if total > limit:
                     raise _TooLargeError
-            field = FormField(bytes(data), part.filename, part.headers.get("Content-Type"))
-            fields.setdefault(part.name, []).append(field)
+            fields.setdefault(part.name, []).append(bytes(data))
     except (AssertionError, ValueError, RuntimeError) as exc:
         # aiohttp's reader asserts on a missing boundary and raises on malformed parts.
         raise _BadFormError(f"the form cannot be read: {exc or type(exc).__name__}") from exc
