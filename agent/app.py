@@ -124,6 +124,7 @@ class Agent:
                 host=settings.http_host,
                 port=settings.http_port,
                 max_body_bytes=settings.max_payload_bytes,
+                max_picture_body_bytes=settings.max_image_payload_bytes,
                 idle_timeout_s=settings.http_idle_timeout_s,
                 frame_ancestors=tuple(settings.http_frame_ancestors),
             ),

@@ -104,7 +104,7 @@ class A1111Api:
             self.img2img,
             access=Access.TOKEN,
             shape=self._errors,
-            body=Body(limit=self._generation.settings.max_image_payload_bytes),
+            body=Body(pictures=True),
         )
 
     async def options(self, _request: Request) -> Response:

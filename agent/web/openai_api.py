@@ -122,7 +122,7 @@ class OpenAIApi:
             self.edit,
             access=Access.TOKEN,
             shape=self._errors,
-            body=Body(limit=self._generation.settings.max_image_payload_bytes, multipart=True),
+            body=Body(pictures=True, multipart=True),
         )
 
     def _model_entry(self) -> dict[str, object]:

@@ -64,8 +64,8 @@ class PageApi:
         shape = ContractErrors()
         for path in STATIC_FILES:
             routes.add("GET", path, self.static, access=Access.OPEN, shape=shape)
-        # A job may carry a picture to start from: the image bound, not the text one.
-        pictures = Body(limit=self._jobs.settings.max_image_payload_bytes)
+        # A job may carry a picture to start from.
+        pictures = Body(pictures=True)
         routes.add(
             "POST", "/api/jobs", self.create, access=Access.TOKEN, shape=shape, body=pictures
         )

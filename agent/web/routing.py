@@ -108,8 +108,8 @@ Handler: TypeAlias = "Callable[[Request], Awaitable[Response | Stream]]"
 class Body:
     """What a route's request body may be."""
 
-    limit: int | None = None
-    """Bytes at most; None: the server's bound for requests without a picture."""
+    pictures: bool = False
+    """It may carry a picture: bounded by the picture bound, not the text one."""
     multipart: bool = False
     """``multipart/form-data`` is accepted besides JSON (a file upload)."""
 

@@ -77,6 +77,8 @@ class HttpConfig:
     """0 picks a free port."""
     max_body_bytes: int
     """Largest request body read; a larger one is refused (413) unread."""
+    max_picture_body_bytes: int
+    """The same, on the routes that take a picture to start from."""
     idle_timeout_s: float
     """A connection with no complete request head within this (since it opened, or since its
     last answer) is closed; a body still arriving after this is refused (408)."""
@@ -249,7 +251,9 @@ class AgentHttpServer:
 
     def _limit(self, route: Route) -> int:
         """Return the largest body a route reads."""
-        return route.body.limit or self._config.max_body_bytes
+        if route.body.pictures:
+            return self._config.max_picture_body_bytes
+        return self._config.max_body_bytes
 
     def _too_large(self, route: Route) -> Response:
         self._on_refusal("payload_too_large")
