@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 collect_ignore = ["homeassistant"]  # Home Assistant's own harness runs those (test_home_assistant)
 if not os.environ.get("EDGEAI_CONTAINER_TESTS"):
     collect_ignore.append("containers")  # slow (image builds): scripts/test-containers runs them
+if not os.environ.get("EDGEAI_SMALL_PI_TESTS"):
+    collect_ignore.append("small_pi")  # slow (SDXL's size in 2 GiB): scripts/test-small-pi
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -154,6 +156,8 @@ class AgentProcess:
     process: subprocess.Popen[bytes] | None = None
     cgroup: cgroups.MemoryCgroup | None = None
     """Run the agent (daemon and worker) under this memory cgroup's limit."""
+    prefix: list[str] = field(default_factory=list)
+    """A command the agent runs under (strace, to kill its worker at a chosen system call)."""
 
     @property
     def base(self) -> str:
@@ -199,7 +203,7 @@ class AgentProcess:
         self.broker.add_node(self.node_id)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        command = [sys.executable, "-m", "agent"]
+        command = [*self.prefix, sys.executable, "-m", "agent"]
         if self.cgroup is not None:
             command = self.cgroup.wrap(command)
         self.process = subprocess.Popen(

@@ -11,8 +11,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from tests import mqtt_client
 from tests.conftest import ARTIFACTS, ROOT, Node, free_port, generate, wait_for_port
 
@@ -125,19 +123,8 @@ def test_scripts_run_tells_the_story_and_stops_cleanly_on_ctrl_c(tiny_model, tmp
     assert "disconnected from the broker" in warnings[0]
 
 
-SITE_WITHOUT_TORCHAO = """import sys
-sys.modules["torchao"] = None  # as if the int8 extra were not installed
-"""
-
-
-@pytest.mark.parametrize("extras", ["with torchao", "without torchao"])
-def test_a_healthy_start_and_stop_log_no_warning(broker, make_agent, tmp_path, extras):
+def test_a_healthy_start_and_stop_log_no_warning(broker, make_agent):
     env = {"EDGEAI_HTTP_AUTH": "true"}
-    if extras == "without torchao":
-        site = tmp_path / "site"
-        site.mkdir()
-        (site / "sitecustomize.py").write_text(SITE_WITHOUT_TORCHAO)
-        env["PYTHONPATH"] = f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     agent = make_agent(broker, **env)
     client = broker.client()
     assert generate(client, agent)["status"] == "ok"

@@ -121,3 +121,20 @@ def test_the_console_script_is_installed():
     completed = subprocess.run([script, "--version"], capture_output=True, text=True, check=False)
     assert completed.returncode == 0
     assert "edgeai-agent" in completed.stdout
+
+
+def test_an_earlier_release_s_setting_names_what_replaced_it(clean_env):
+    clean_env.setenv("EDGEAI_INT8_WEIGHTS", "true")
+    with pytest.raises(SettingsError, match=r"EDGEAI_INT8_WEIGHTS \(now EDGEAI_WEIGHT_FORM=int8\)"):
+        load_settings()
+
+
+def test_the_weights_form_and_its_folder_reach_the_worker(clean_env, tmp_path):
+    clean_env.setenv("EDGEAI_STATE_DIR", str(tmp_path))
+    assert PipelineOptions.from_settings(load_settings()).weight_form == "auto"
+    clean_env.setenv("EDGEAI_WEIGHT_FORM", "int4")
+    options = PipelineOptions.from_settings(load_settings())
+    assert (options.weight_form, options.weights_dir) == ("int4", str(tmp_path / "weights"))
+    clean_env.setenv("EDGEAI_WEIGHT_FORM", "int3")
+    with pytest.raises(SettingsError, match="EDGEAI_WEIGHT_FORM"):
+        load_settings()

@@ -67,13 +67,17 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def build_tiny_pipeline(folder: Path, unet_channels: tuple[int, int] = (8, 16)) -> Path:
+def build_tiny_pipeline(
+    folder: Path, unet_channels: tuple[int, int] = (8, 16), *, text_width: int = 32
+) -> Path:
     """Write a tiny random-weight SDXL pipeline to ``folder`` and return the folder.
 
     Args:
         folder: Where the pipeline goes; created if missing. A tiny TAESD goes to its
             ``taesd`` sub-folder.
         unet_channels: The UNet's two block widths; wider is slower (for a slow agent in tests).
+        text_width: The text encoders' width (their feed-forward layers are twice as wide, 37
+            at the default 32): 64 makes every text layer's inputs a whole number of int4 groups.
 
     Returns:
         The folder, ready for ``AutoPipelineForText2Image.from_pretrained``.
@@ -96,8 +100,8 @@ def build_tiny_pipeline(folder: Path, unet_channels: tuple[int, int] = (8, 16)) 
     text_config = {
         "bos_token_id": 0,
         "eos_token_id": 2,
-        "hidden_size": 32,
-        "intermediate_size": 37,
+        "hidden_size": text_width,
+        "intermediate_size": 37 if text_width == 32 else 2 * text_width,
         "layer_norm_eps": 1e-05,
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
@@ -122,7 +126,7 @@ def build_tiny_pipeline(folder: Path, unet_channels: tuple[int, int] = (8, 16)) 
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        cross_attention_dim=2 * text_width,  # the two encoders side by side
         norm_num_groups=4,
     )
     vae = AutoencoderKL(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import diffusers
@@ -20,11 +18,12 @@ import torch
 import transformers
 from diffusers import AutoencoderTiny, AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-from agent.machine.memory import GIB, MemoryLimit, memory_limit, return_free_memory
+from agent.machine.memory import memory_limit, return_free_memory
 from agent.model.encode_cache import EncodeCache
 from agent.model.fused import fuse_relu_convolutions
 from agent.model.half_probe import half_compute_speedup
 from agent.model.pages import MappedPages
+from agent.model.placing import WeightPlan, place_pipeline_weights
 from agent.model.precision import (
     choose_device,
     choose_dtype,
@@ -32,13 +31,12 @@ from agent.model.precision import (
     dtype_name,
     fuses_decoder,
     load_dtype,
-    packs_weights,
     use_half_weights,
 )
+from agent.model.prompt_cache import GenerationTimings, PromptCache
 from agent.model.protocol import PipelineOptions, Ready, denoising_steps
-from agent.model.upcast import UpcastArena
 from agent.model.warmup import warmup_size
-from agent.model.weights import Placement, channels_last_layout, place_weights
+from agent.model.weights import channels_last_layout
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,80 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WEIGHT_HEAVY_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-"""The parts that hold 97% of SDXL's weights: only theirs may stay in float16, and only theirs
-are packed for oneDNN. The decoder holds its weights in the compute precision (TAESDXL is tiny,
-and diffusers upcasts a float16 full VAE to float32 anyway), unpacked: TAESDXL's 64-channel
-convolutions over a whole image ran slower packed (decode 0.48 against 0.37 s,
-docs/performance.md); its ReLUs and residual sums run inside its convolutions instead
-(:mod:`agent.model.fused`)."""
-
 
 class JobCancelledError(Exception):
     """The job was cancelled between two denoising steps."""
-
-
-@dataclass
-class GenerationTimings:
-    """Seconds spent in each stage of one generation."""
-
-    text_encoding: float = 0.0
-    denoising: float = 0.0
-    decoding: float = 0.0
-    prompt_cache_hit: bool = False
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, float]:
-        """Return the stages as a plain dict."""
-        return {
-            "text_encoding": self.text_encoding,
-            "denoising": self.denoising,
-            "decoding": self.decoding,
-            "prompt_cache_hit": float(self.prompt_cache_hit),
-        }
-
-
-class PromptCache:
-    """A bounded LRU of prompt embeddings, in front of the pipeline's ``encode_prompt``."""
-
-    KEYS = (
-        "prompt",
-        "prompt_2",
-        "negative_prompt",
-        "negative_prompt_2",
-        "do_classifier_free_guidance",
-        "num_images_per_prompt",
-        "clip_skip",
-    )
-
-    def __init__(self, encode: Callable[..., Any], size: int) -> None:
-        """Wrap ``encode`` with a cache of ``size`` entries."""
-        self._encode = encode
-        self._size = size
-        self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-        self.hits = 0
-        self.last_hit = False
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - encode_prompt's own
-        """Return cached embeddings for a prompt seen before, else encode and remember them."""
-        given_embeddings = any(
-            kwargs.get(name) is not None for name in kwargs if name.endswith("_embeds")
-        )
-        if args or given_embeddings or self._size == 0:
-            self.last_hit = False
-            return self._encode(*args, **kwargs)
-        key = tuple(kwargs.get(name) for name in self.KEYS)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            self.last_hit = True
-            return self._entries[key]
-        self.last_hit = False
-        result = self._encode(**kwargs)
-        self._entries[key] = result
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-        return result
 
 
 class Text2Image:
@@ -148,8 +75,8 @@ class Text2Image:
             self.device,
             half_speedup=lambda: half_compute_speedup(upcast=upcast),
         )
-        # int8 storage dequantizes convolutions the way float16 storage upcasts: it implies it.
-        half_weights = options.int8_weights or use_half_weights(
+        # Integer forms widen into the buffer float16 storage upcasts into: they imply it.
+        half_weights = options.weight_form in ("int8", "int4") or use_half_weights(
             options.half_weights, self.device, self.dtype, limit.bytes
         )
         extra: dict[str, Any] = {}
@@ -174,14 +101,21 @@ class Text2Image:
             # Loading lands on the CPU; moving there again would only warn about float16.
             self._pipeline.to(self.device)
         channels_last = channels_last_layout(options.channels_last, self.device, self.dtype)
-        placement = self._place_weights(
-            options, half_weights=half_weights, channels_last=channels_last, limit=limit
+        plan = WeightPlan(
+            form_setting=options.weight_form,
+            weights_dir=options.weights_dir,
+            half_weights=half_weights,
+            packed_weights=options.packed_weights,
+            channels_last=channels_last,
+        )
+        placement, form = place_pipeline_weights(
+            self._pipeline, plan, device=self.device, compute=self.dtype, limit=limit
         )
         # The lean path gives freed memory back after each job, so between jobs the worker holds
         # its weights' file pages and little else.
-        self._lean = half_weights or placement.mapped > 0
-        if options.int8_weights:
-            levers.append("int8-weights")
+        self._lean = half_weights or form != "float16" or placement.mapped > 0
+        if form != "float16":
+            levers.append(f"{form}-weights")
         elif half_weights:
             levers.append("half-weights")
         self._pipeline.set_progress_bar_config(disable=True)
@@ -252,48 +186,6 @@ class Text2Image:
         vae = self._pipeline.vae
         vae.encode = EncodeCache(vae.encode)
         return pipeline
-
-    def _place_weights(
-        self,
-        options: PipelineOptions,
-        *,
-        half_weights: bool,
-        channels_last: bool,
-        limit: MemoryLimit,
-    ) -> Placement:
-        """Give every component's weights their precision, storage and layout; log where."""
-        arena = UpcastArena(self.dtype, channels_last) if half_weights else None
-        pack = packs_weights(
-            options.packed_weights, self.device, self.dtype, held_in_compute=not half_weights
-        )
-        placement = sum(
-            (
-                place_weights(
-                    component,
-                    self.dtype,
-                    arena=arena if name in WEIGHT_HEAVY_COMPONENTS else None,
-                    int8=options.int8_weights,
-                    channels_last=channels_last,
-                    pack=pack and name in WEIGHT_HEAVY_COMPONENTS,
-                )
-                for name, component in self._pipeline.components.items()
-                if isinstance(component, torch.nn.Module)
-            ),
-            Placement(),
-        )
-        log.info(
-            "weights placed: %.2f GiB left in the mapped files, %.2f GiB copied (%s), "
-            "%.2f GiB of mapped pages handed back; upcast buffer %.2f GiB; %d layers packed "
-            "for oneDNN; memory limit %s",
-            placement.mapped / GIB,
-            placement.copied / GIB,
-            "converted precision or layout",
-            placement.released / GIB,
-            (arena.nbytes if arena is not None else 0) / GIB,
-            placement.packed_layers,
-            limit.describe(),
-        )
-        return placement
 
     def _fuse_decoder(self, options: PipelineOptions, *, channels_last: bool) -> bool:
         """Fold the tiny decoder's ReLUs and residual sums into its convolutions where it pays.

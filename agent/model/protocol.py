@@ -25,7 +25,9 @@ class PipelineOptions:
     variant: str = "auto"
     tiny_vae: str = ""
     half_weights: str = "auto"
-    int8_weights: bool = False
+    weight_form: str = "auto"
+    weights_dir: str = ""
+    """Where integer forms of the weights are written once and mapped after."""
     channels_last: bool = True
     packed_weights: bool = True
     fused_decoder: bool = True
@@ -46,7 +48,8 @@ class PipelineOptions:
             variant=settings.model_variant,
             tiny_vae=settings.tiny_vae,
             half_weights=settings.half_weights,
-            int8_weights=settings.int8_weights,
+            weight_form=settings.weight_form,
+            weights_dir=str(settings.weights_path),
             channels_last=settings.channels_last,
             packed_weights=settings.packed_weights,
             fused_decoder=settings.fused_decoder,

@@ -1,4 +1,4 @@
-"""Float16 (or int8) weights lent to a layer in the compute precision, only while it runs.
+"""Float16 or integer weights lent to a layer in the compute precision, only while it runs.
 
 Only the worker process imports this module (it imports torch).
 """
@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from agent.model.quantized import widen
+
 INT8_SCALE = "weight_scale"
-"""The buffer beside an int8 convolution weight: one scale per output channel."""
+"""The buffer beside an integer weight: its scales (:mod:`agent.model.quantized`)."""
 
 
 class UpcastArena:
@@ -37,7 +39,10 @@ class UpcastArena:
             self._buffer = torch.empty(numel, dtype=self.compute)
 
     def lend(
-        self, weight: torch.Tensor, scale: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        shape: torch.Size | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """Return ``weight`` upcast, and whether it lies in the buffer (to be given back).
 
@@ -45,23 +50,32 @@ class UpcastArena:
         a fresh copy instead.
 
         Args:
-            weight: A float16 weight, or an int8 one.
-            scale: For an int8 weight, the scale of each output channel.
+            weight: A float16 weight, or an integer one (:mod:`agent.model.quantized`).
+            scale: For an integer weight, its scales.
+            shape: The layer's weight shape, where the stored one differs (int4, packed).
         """
-        four_d = weight.dim() == 4 and self.channels_last
-        if self._lent or weight.numel() > self._buffer.numel():
+        shape = weight.shape if shape is None else shape
+        four_d = len(shape) == 4 and self.channels_last  # a convolution's
+        numel = shape.numel()
+        if self._lent or numel > self._buffer.numel():
             memory_format = torch.channels_last if four_d else torch.contiguous_format
-            upcast = weight.to(self.compute, memory_format=memory_format)
-            return (upcast if scale is None else upcast.mul_(scale)), False
+            upcast = torch.empty(shape, dtype=self.compute, memory_format=memory_format)
+            return self._fill(upcast, weight, scale), False
         self._lent = True
-        flat = self._buffer[: weight.numel()]
+        flat = self._buffer[:numel]
         if four_d:
-            out, channels, height, width = weight.shape
+            out, channels, height, width = shape
             view = flat.view(out, height, width, channels).permute(0, 3, 1, 2)
         else:
-            view = flat.view(weight.shape)
-        view.copy_(weight)
-        return (view if scale is None else view.mul_(scale)), True
+            view = flat.view(shape)
+        return self._fill(view, weight, scale), True
+
+    @staticmethod
+    def _fill(into: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Write ``weight`` into ``into``: upcast, or widened from integers with its scales."""
+        if scale is None:
+            return into.copy_(weight)
+        return widen(weight, scale, into)
 
     def give_back(self) -> None:
         """The layer that borrowed the buffer has run."""
@@ -79,9 +93,10 @@ class UpcastOnUse:
     generation, against 15 s and flat here.
     """
 
-    def __init__(self, arena: UpcastArena) -> None:
-        """Lend weights from ``arena``."""
+    def __init__(self, arena: UpcastArena, shape: torch.Size | None = None) -> None:
+        """Lend weights from ``arena``; ``shape`` is the weight's where it is stored packed."""
         self.arena = arena
+        self.shape = shape
         self._stored: dict[str, torch.Tensor | None] = {}
         self._borrowed = False
 
@@ -94,7 +109,7 @@ class UpcastOnUse:
                 continue
             if name == "weight":
                 scale = self._stored.get(INT8_SCALE)
-                tensors[name], self._borrowed = self.arena.lend(stored, scale)
+                tensors[name], self._borrowed = self.arena.lend(stored, scale, self.shape)
             else:
                 tensors[name] = stored.to(self.arena.compute)
 

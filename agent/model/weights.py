@@ -24,7 +24,9 @@ from agent.model.pages import MappedPages
 from agent.model.upcast import INT8_SCALE, UpcastArena, UpcastOnUse
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Mapping
+
+    from agent.model.quantized import StoredLayer
 
 HALF_STORED_LAYERS = (
     torch.nn.Linear,
@@ -40,7 +42,7 @@ HALF_LOOKUP_LAYERS = (torch.nn.Embedding,)
 """Layers that read a few rows of a float16 table and hand them on in the compute precision: the
 two CLIP token embeddings, 0.4 GB as float32 copies."""
 _HALF = "_edgeai_half"
-_INT8 = "_edgeai_int8"
+_QUANTIZED = "_edgeai_quantized"
 
 
 def channels_last_layout(requested: bool, device: str, compute: torch.dtype) -> bool:
@@ -92,7 +94,7 @@ def store_in_half(module: torch.nn.Module, arena: UpcastArena) -> int:
     """
     count = 0
     for layer in module.modules():
-        if hasattr(layer, _HALF) or hasattr(layer, _INT8):
+        if hasattr(layer, _HALF) or hasattr(layer, _QUANTIZED):
             continue
         if isinstance(layer, HALF_STORED_LAYERS):
             hooks = UpcastOnUse(arena)
@@ -111,62 +113,50 @@ def store_in_half(module: torch.nn.Module, arena: UpcastArena) -> int:
     return count
 
 
-def _frozen(tensor: torch.Tensor) -> torch.nn.Parameter:
-    return torch.nn.Parameter(tensor.detach(), requires_grad=False)
+def store_quantized(
+    module: torch.nn.Module,
+    arena: UpcastArena,
+    layers: Iterable[StoredLayer],
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[int, int]:
+    """Give each stored layer its integer weight and scales (mapped from their copy on disk).
 
-
-def store_in_int8(module: torch.nn.Module, arena: UpcastArena, pages: MappedPages) -> int:
-    """Quantize linear and convolution weights to int8 (weight-only, one scale per channel).
-
-    Linear layers go through torchao's ``Int8WeightOnlyConfig``, whose matrix multiply reads the
-    int8 weights directly (``_weight_int8pack_mm``). torchao has no int8 convolution, so each
-    convolution keeps an int8 weight and its scales as buffers and borrows a dequantized copy
-    from ``arena`` while it runs, as float16 layers do. One layer at a time, from the mapped
-    float16 weights, whose pages are handed back at once: the peak is the int8 model plus one
-    layer in the compute precision.
+    Each borrows its weight widened into ``arena`` while it runs, as float16 layers do. Its
+    bias, small, is kept in the compute precision. The float16 weight it replaces is dropped,
+    and its pages handed back.
 
     Returns:
-        Bytes of int8 weights and scales, in the worker's own memory.
+        Bytes of integer weights and scales left in their mapped copy, and bytes of biases
+        copied into the worker's own memory.
     """
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415 - optional
-
-    config = Int8WeightOnlyConfig(set_inductor_config=False)
-    stored = 0
-    for layer in module.modules():
-        if hasattr(layer, _INT8) or not isinstance(layer, HALF_STORED_LAYERS):
-            continue
+    by_name = dict(module.named_modules())
+    pages = MappedPages()
+    mapped = copied = 0
+    for stored in layers:
+        layer = by_name[stored.name]
         weight = layer.weight
         bias = getattr(layer, "bias", None)
-        if isinstance(layer, torch.nn.Linear):
-            layer.weight = torch.nn.Parameter(
-                weight.detach().to(arena.compute), requires_grad=False
-            )
-            quantize_(layer, config)
-            stored += layer.weight.qdata.nbytes + layer.weight.scale.nbytes
-        else:
-            full = weight.detach().to(torch.float32)
-            dims = tuple(range(1, full.dim()))
-            scale = full.abs().amax(dim=dims, keepdim=True).clamp(min=1e-12) / 127
-            quantized = torch.round(full / scale).clamp(-127, 127).to(torch.int8)
-            del layer._parameters["weight"]  # noqa: SLF001 - held as buffers, as float16 layers
-            layer.register_buffer("weight", quantized)
-            layer.register_buffer(INT8_SCALE, scale.to(arena.compute))
-            hooks = UpcastOnUse(arena)
-            layer.register_forward_pre_hook(hooks.before)
-            layer.register_forward_hook(hooks.after, always_call=True)
-            arena.reserve(quantized.numel())
-            stored += quantized.nbytes + scale.nbytes
+        for name in ("weight", "bias"):
+            layer._parameters.pop(name, None)  # noqa: SLF001 - held as buffers, as float16 layers
+        layer.register_buffer("weight", tensors[stored.weight.name])
+        layer.register_buffer(INT8_SCALE, tensors[stored.scale.name])
+        mapped += sum(
+            tensors[t.name].nbytes
+            for t in (stored.weight, stored.scale)
+            if pages.holds(tensors[t.name])
+        )
+        layer.register_buffer("bias", None if bias is None else bias.detach().to(arena.compute))
         if bias is not None:
-            if "bias" in layer._parameters:  # noqa: SLF001
-                layer.bias = torch.nn.Parameter(
-                    bias.detach().to(arena.compute), requires_grad=False
-                )
-            else:
-                layer.register_buffer("bias", bias.detach().to(arena.compute))
+            copied += layer.bias.nbytes
             pages.release(bias)
+        shape = torch.Size(stored.shape)
+        hooks = UpcastOnUse(arena, shape)
+        layer.register_forward_pre_hook(hooks.before)
+        layer.register_forward_hook(hooks.after, always_call=True)
+        arena.reserve(shape.numel())
         pages.release(weight)
-        setattr(layer, _INT8, True)
-    return stored
+        setattr(layer, _QUANTIZED, stored.scheme)
+    return mapped, copied
 
 
 def layer_dtype(layer: torch.nn.Module, compute: torch.dtype) -> torch.dtype:
@@ -220,8 +210,8 @@ def settle_weights(
     releaser = MappedPages()
     placement = Placement()
     for layer in module.modules():
-        if hasattr(layer, _INT8):
-            continue  # final already, in the worker's own memory
+        if hasattr(layer, _QUANTIZED):
+            continue  # final already: mapped integers, biases in the compute precision
         target = layer_dtype(layer, compute)
         relayout = channels_last and not hasattr(layer, _HALF)
         for tensors in (layer._parameters, layer._buffers):  # noqa: SLF001 - swapped in place
@@ -255,7 +245,7 @@ def place_weights(  # noqa: PLR0913 - one argument per lever that places weights
     *,
     arena: UpcastArena | None,
     channels_last: bool,
-    int8: bool = False,
+    quantized: tuple[Iterable[StoredLayer], Mapping[str, torch.Tensor]] | None = None,
     pack: bool = False,
 ) -> Placement:
     """Put a model's weights in their final precision and layout, copying only what changes.
@@ -263,24 +253,26 @@ def place_weights(  # noqa: PLR0913 - one argument per lever that places weights
     Args:
         module: A pipeline component, as loaded.
         compute: The precision it computes in.
-        arena: Keep linear and convolution weights in float16 (or int8), upcast into this buffer
-            while each layer runs (:func:`store_in_half`); None keeps every weight in ``compute``.
+        arena: Keep linear and convolution weights in float16 (or an integer form), upcast into
+            this buffer while each layer runs (:func:`store_in_half`); None keeps every weight
+            in ``compute``.
         channels_last: Lay convolution weights out as channels_last.
-        int8: With an arena, quantize linear and convolution weights to int8
-            (:func:`store_in_int8`).
+        quantized: With an arena, the layers stored in an integer form and their mapped tensors
+            (:func:`store_quantized`).
         pack: Then reorder linear and convolution weights into oneDNN's layout
             (:func:`agent.model.packed.pack_weights`).
 
     Returns:
         Where the weights ended up.
     """
-    quantized = 0
+    integers = biases = 0
     if arena is not None:
-        if int8:
-            quantized = store_in_int8(module, arena, MappedPages())
+        if quantized is not None:
+            integers, biases = store_quantized(module, arena, *quantized)
         store_in_half(module, arena)
     placement = settle_weights(module, compute, channels_last=channels_last)
-    placement.copied += quantized
+    placement.mapped += integers
+    placement.copied += biases
     if pack:
         placement.packed_layers = pack_weights(module)
     return placement

@@ -61,11 +61,13 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
     # Imported here so that only this process pays for (and can be killed by) torch.
     from agent.images import encode_image  # noqa: PLC0415
     from agent.model.pipeline import JobCancelledError, Text2Image  # noqa: PLC0415
+    from agent.model.weight_store import WeightsNotStoredError  # noqa: PLC0415
 
     try:
         model = Text2Image(config.pipeline)
     except Exception as exc:
-        log.exception("model load failed")
+        if not isinstance(exc, WeightsNotStoredError):  # told whole in its message: no trace
+            log.exception("model load failed")
         connection.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     connection.send(model.loaded)

@@ -100,6 +100,11 @@ class Settings(ServiceSettings, ModelSettings, NetworkSettings, BaseSettings):
         return self.state_dir / "init-images"
 
     @property
+    def weights_path(self) -> Path:
+        """Return the folder of the weights' integer forms, written once and mapped after."""
+        return self.state_dir / "weights"
+
+    @property
     def api_token_path(self) -> Path:
         """Return where the generated API token is kept (when api_token is not set)."""
         return self.state_dir / "api-token"
@@ -167,9 +172,14 @@ SCRIPT_VARIABLES = (
     "EDGEAI_CONTAINER_TESTS",
     "EDGEAI_CONTAINER_PREPARE",
     "EDGEAI_CONTAINER_IMAGE",
+    "EDGEAI_SMALL_PI_TESTS",
 )
 """Variables the install, test and benchmark scripts read (scripts/lib.sh says what each does):
 not settings of the agent, and no mistake to find in its environment."""
+
+
+RENAMED = {"EDGEAI_INT8_WEIGHTS": "EDGEAI_WEIGHT_FORM=int8"}
+"""Settings of earlier releases, and what says the same now."""
 
 
 def _unknown_environment() -> list[str]:
@@ -192,7 +202,8 @@ def load_settings(config_file: Path | None = None) -> Settings:
     """
     unknown = _unknown_environment()
     if unknown:
-        raise SettingsError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+        named = [f"{key} (now {RENAMED[key]})" if key in RENAMED else key for key in unknown]
+        raise SettingsError(f"unknown setting(s) in the environment: {', '.join(named)}")
     if config_file is None and os.environ.get(CONFIG_FILE_ENV):
         config_file = Path(os.environ[CONFIG_FILE_ENV])
     values: dict[str, Any] = {}

@@ -44,12 +44,14 @@ class ModelSettings(BaseModel):
         "in float32 (each layer upcast while it runs), halving the model's memory at some speed; "
         "auto: on when float32 runs on a CPU with less than 16 GiB of memory.",
     )
-    int8_weights: bool = Field(
-        default=False,
-        description="Store the linear and convolution weights of the UNet and text encoders as "
-        "int8 (weight-only, one scale per output channel; needs the int8 extra, torchao): about "
-        "half the memory of float16. Off by default: its effect on image quality could not be "
-        "checked on the real weights.",
+    weight_form: Literal["auto", "float16", "int8", "int4"] = Field(
+        default="auto",
+        description="Form of the UNet's and text encoders' weights on a CPU: float16 as the "
+        "model's files hold them; int8 (one scale per output channel) or int4 (one scale per 64 "
+        "inputs) quantized once at the first start, written to <state_dir>/weights and mapped "
+        "from there after (6.3, 3.3 and 1.8 GiB for SDXL-Turbo). auto takes the largest that fits "
+        "in the memory limit (cgroup, else physical) with 0.9 GiB to spare: float16 on an 8 GB "
+        "Pi and larger, int8 in 7 GiB, int4 on a 4 GB or 2 GB Pi. On cuda, always float16.",
     )
     channels_last: bool = Field(
         default=True,

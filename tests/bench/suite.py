@@ -48,7 +48,10 @@ from tests import cgroups  # noqa: E402
 from tests.conftest import AgentProcess, Broker, start_broker  # noqa: E402
 
 GIB = 2**30
-PI_PATH = {"EDGEAI_DTYPE": "float32", "EDGEAI_HALF_WEIGHTS": "on"}
+PI_PATH = {"EDGEAI_DTYPE": "float32", "EDGEAI_HALF_WEIGHTS": "on", "EDGEAI_WEIGHT_FORM": "float16"}
+"""The Pi path as it was before the integer forms: float16 weights whatever the memory."""
+PI_AUTO = {**PI_PATH, "EDGEAI_WEIGHT_FORM": "auto"}
+"""The Pi path as it installs: the weights' form chosen by the memory limit."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,18 +125,27 @@ CASES = {
         base="e4",
         restyle=True,
     ),
-    "i": Case(
-        "int8 weights, float32 compute",
-        {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"},
+    "q8": Case(
+        "the Pi path, int8 weights (no limit)",
+        {**PI_PATH, "EDGEAI_WEIGHT_FORM": "int8"},
         "float32",
         base="e",
     ),
-    "i7": Case(
-        "int8 weights, float32 compute, in a 7 GiB cgroup",
-        {**PI_PATH, "EDGEAI_INT8_WEIGHTS": "true"},
+    "q4": Case(
+        "the Pi path, int4 weights (no limit)",
+        {**PI_PATH, "EDGEAI_WEIGHT_FORM": "int4"},
         "float32",
-        7,
-        base="i",
+        base="e",
+    ),
+    "a": Case("the Pi path as installed, no limit (auto: float16)", PI_AUTO, "float32", base="e"),
+    "a7": Case(
+        "the Pi path as installed, 7 GiB cgroup (auto: int8)", PI_AUTO, "float32", 7, base="e7"
+    ),
+    "a4": Case(
+        "the Pi path as installed, 4 GiB cgroup (auto: int4)", PI_AUTO, "float32", 4, base="e"
+    ),
+    "a2": Case(
+        "the Pi path as installed, 2 GiB cgroup (auto: int4)", PI_AUTO, "float32", 2, base="e"
     ),
 }
 JEMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
@@ -182,7 +194,7 @@ LEVERS = {
 """Levers compared against c and e in the same interleaved run (allocators: Debian's
 libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
 CASES.update(LEVERS)
-DEFAULT_CASES = "b,c,cu,cf,cw,d,e,e7,e4,i"
+DEFAULT_CASES = "b,c,cu,cf,cw,d,e,e7,e4,a,a7,a4,a2"
 
 
 @dataclasses.dataclass
@@ -198,11 +210,26 @@ class Sample:
     load_s: float = 0.0
     job_stages: list[dict[str, float]] = dataclasses.field(default_factory=list)
     """Each job's seconds per stage, as its result reports them: where a first job's time goes."""
+    read_gb: list[float] = dataclasses.field(default_factory=list)
+    """GB the worker read from storage during each job with a new prompt."""
+    repeat_read_gb: float | None = None
+    """GB it read during one more job repeating the last prompt (the text encoders skipped)."""
+    weights_gb: float = 0.0
+    """GB of integer weights on disk after the run (written at the case's first start)."""
 
 
-def evict_model_files() -> None:
-    """Drop the model's files from the page cache, so a cgroup pays for reading them."""
-    for path in (*MODEL.rglob("*"), *TAESDXL.rglob("*")):
+def evict_model_files(*folders: Path) -> None:
+    """Drop the model's files from the page cache, so a cgroup pays for reading them.
+
+    Args:
+        folders: More folders to evict: the integer weights written by an earlier round, whose
+            pages went to the parent cgroup when that round's cgroup was removed.
+    """
+    for path in (
+        *MODEL.rglob("*"),
+        *TAESDXL.rglob("*"),
+        *(p for f in folders for p in f.rglob("*")),
+    ):
         if path.is_file():
             descriptor = os.open(path, os.O_RDONLY)
             try:
@@ -232,7 +259,7 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
     cgroup = None
     if case.limit_gib is not None:
         cgroup = cgroups.create(int(case.limit_gib * GIB), "edgeai-bench")
-        evict_model_files()
+        evict_model_files(folder / "weights")
         agent.cgroup = cgroup
     client = broker.client()
     try:
@@ -242,22 +269,33 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
         load_s = time.monotonic() - begun
         pid = int(json.loads(agent.http_get("/healthz")[2])["worker_pid"])
         before = proc_values(pid)
+        reads: list[float] = []
+        repeat_read = None
         client.subscribe(f"{agent.base}/result/+")
         latencies, results = [], []
-        for index in range(jobs):
+        prompts = [f"{PROMPT}, {label} {index}" for index in range(jobs)]
+        for index, prompt in enumerate([*prompts, prompts[-1]]):
             job_id = uuid.uuid4().hex[:12]
             request = {
                 "id": job_id,
-                "prompt": f"{PROMPT}, {label} {index}",
+                "prompt": prompt,
+                "seed": index,
                 "output": "url",
                 **({"init_image": restyled_picture(index), **RESTYLE} if case.restyle else {}),
             }
+            read_before = proc_values(pid)["read_gb"]
             sent = time.monotonic()
             client.publish(f"{agent.base}/generate", json.dumps(request))
             result = client.wait_for(f"{agent.base}/result/{job_id}", timeout=900).json()
-            latencies.append(time.monotonic() - sent)
+            latency = time.monotonic() - sent
+            read = proc_values(pid)["read_gb"] - read_before
             if result["status"] != "ok":
                 raise SystemExit(f"{label}: job failed: {result}\n{agent.log()[-3000:]}")
+            if index == jobs:  # the repeated prompt: measured apart
+                repeat_read = read
+                continue
+            latencies.append(latency)
+            reads.append(read)
             results.append(result["timings"])
         after = proc_values(pid)
         memory = {
@@ -277,7 +315,10 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
             stage: statistics.median(timings[f"{stage}_s"] for timings in results)
             for stage in ("text_encoding", "denoising", "decoding", "encoding")
         }
-        return Sample({}, latencies, stages, memory, load_s, results)
+        weights = sum(path.stat().st_size for path in (folder / "weights").glob("*.safetensors"))
+        return Sample(
+            {}, latencies, stages, memory, load_s, results, reads, repeat_read, weights / 1e9
+        )
     finally:
         client.close()
         agent.stop()
@@ -357,9 +398,20 @@ def summarize(case_id: str, case: Case, samples: list[Sample], flops: dict[str, 
         "share_image_median": statistics.median(image_shares),
         "share_image_max": max(image_shares),
         "share_denoise_median": statistics.median(denoise_shares),
-        "load_s": statistics.median(sample.load_s for sample in samples),
+        "load_s": statistics.median(sample.load_s for sample in samples[1:] or samples),
+        "first_load_s": samples[0].load_s,
+        "read_new_gb": median_or_none([read for sample in samples for read in sample.read_gb[1:]]),
+        "read_repeat_gb": median_or_none(
+            [sample.repeat_read_gb for sample in samples if sample.repeat_read_gb is not None]
+        ),
+        "weights_gb": max(sample.weights_gb for sample in samples),
         "memory": {key: median_of(key) for key in samples[0].memory},
     }
+
+
+def median_or_none(values: list[float]) -> float | None:
+    """Return the median, or None for no values (plain diffusers reads nothing per job)."""
+    return statistics.median(values) if values else None
 
 
 def cell(value: float | None, digits: int = 2) -> str:
@@ -379,9 +431,10 @@ def print_table(rows: list[dict], rates: list[dict[str, float]], described: str)
     print(
         "\n| case | end to end min s | median s | first job / median | text enc. s | denoise s"
         " | decode s | share of rate: image (best) | denoise | load s | peak GiB | anon GiB"
-        " | file GiB | page-ins GB | restarts |"
+        " | file GiB | page-ins GB | read/image GB: new prompt | repeated | restarts"
+        " | first start s | weights on disk GB |"
     )
-    print("| --- |" + " --- |" * 15)
+    print("| --- |" + " --- |" * 19)
     for row in rows:
         stages, memory = row["stages_s"], row["memory"]
         anon = memory.get("cgroup_anon_gib", memory.get("anon_gib"))
@@ -395,7 +448,9 @@ def print_table(rows: list[dict], rates: list[dict[str, float]], described: str)
             f" of {row['precision']}"
             f" | {row['share_denoise_median']:.0%} | {row['load_s']:.0f}"
             f" | {cell(memory.get('peak_gib'))} | {cell(anon)} | {cell(file_backed)}"
-            f" | {cell(memory.get('page_ins_gb'))} | {cell(memory.get('restarts'), 0)} |"
+            f" | {cell(memory.get('page_ins_gb'))} | {cell(row.get('read_new_gb'))}"
+            f" | {cell(row.get('read_repeat_gb'))} | {cell(memory.get('restarts'), 0)}"
+            f" | {cell(row.get('first_load_s'), 0)} | {cell(row.get('weights_gb'))} |"
         )
 
 
@@ -497,8 +552,10 @@ def main() -> None:
                     if case.plain:
                         sample = run_plain(arguments.jobs)
                     else:
+                        # One state folder per case across rounds, as one agent restarted: integer
+                        # weights are written at its first start and mapped at the others.
                         sample = run_agent(
-                            case, broker, Path(folder) / label, arguments.jobs, label
+                            case, broker, Path(folder) / case_id, arguments.jobs, label
                         )
                     sample.rates = rates[-1]
                     samples[case_id].append(sample)
