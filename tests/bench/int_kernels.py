@@ -24,6 +24,16 @@ from agent.model.quantized import StoredLayer, quantize, scheme_of, widen
 SHAPES = ((640, 320), (1280, 640, 3, 3), (320, 4, 3, 3))
 
 
+def weights_of(shape: tuple[int, ...]) -> torch.Tensor:
+    """Return weights in [-0.05, 0.05) made by integer arithmetic: the same bits on every CPU.
+
+    (``torch.randn`` is not: its vectorized path differs between CPU capabilities.)
+    """
+    count = torch.Size(shape).numel()
+    integers = (torch.arange(count, dtype=torch.int64) * 1103515245 + 12345) % 2**31
+    return (integers.to(torch.float32) / 2**31 - 0.5).mul_(0.1).view(shape)
+
+
 def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     return float((result - reference).norm() / reference.norm())
 
@@ -88,8 +98,7 @@ def main() -> None:
     try_kernel("aten._dyn_quant_matmul_4bit", dyn_quant_4bit)
     digest = hashlib.sha256()
     for shape in SHAPES:
-        torch.manual_seed(1)
-        weight = torch.randn(shape) * 0.05
+        weight = weights_of(shape)
         for form in ("int8", "int4"):
             layer = StoredLayer("layer", scheme_of(shape, form), shape)
             integers, scale = quantize(weight, layer)
