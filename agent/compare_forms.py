@@ -22,10 +22,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from agent.logs import configure_logging
 from agent.settings import SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
     from PIL.Image import Image
 
     from agent.model.protocol import PipelineOptions
@@ -94,10 +97,11 @@ def generate_row(
     return images
 
 
-def psnr(image: Image, reference: Image) -> float:
-    """Return the peak signal-to-noise ratio of ``image`` against ``reference``, in dB."""
-    import numpy as np  # noqa: PLC0415
+def psnr(image: Image | ArrayLike, reference: Image | ArrayLike) -> float:
+    """Return the peak signal-to-noise ratio of ``image`` against ``reference``, in dB.
 
+    Both are 8-bit pictures, as PIL images or arrays of the same shape.
+    """
     error = np.mean((np.asarray(image, "f4") - np.asarray(reference, "f4")) ** 2)
     return float("inf") if error == 0 else float(10 * np.log10(255**2 / error))
 

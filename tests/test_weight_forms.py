@@ -24,6 +24,7 @@ from diffusers import AutoPipelineForText2Image, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from agent.compare_forms import psnr
 from agent.machine.memory import GIB
 from agent.model.forms import FORMS, choose_form, form_bytes, stored_layers
 from agent.model.pages import MappedPages
@@ -76,11 +77,6 @@ def generate_image(model: Text2Image) -> np.ndarray:
         cancelled=lambda: False,
     )
     return np.asarray(image, dtype=np.float32)
-
-
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    error = float(np.mean((image - reference) ** 2))
-    return float("inf") if error == 0 else 10 * np.log10(255**2 / error)
 
 
 @pytest.mark.parametrize(

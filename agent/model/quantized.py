@@ -159,6 +159,9 @@ def widen(stored: torch.Tensor, scale: torch.Tensor, into: torch.Tensor) -> torc
     Returns:
         ``into``, holding the weight.
     """
+    # Scales are widened first: a float16 or float32 operand of another precision than ``into``
+    # makes the multiply take the slow mixed-precision path (3x, measured).
+    scale = scale.to(into.dtype)
     if stored.dtype == torch.int8:
         into.copy_(stored)
         return into.mul_(scale)
@@ -171,12 +174,11 @@ def widen(stored: torch.Tensor, scale: torch.Tensor, into: torch.Tensor) -> torc
         pairs = rows.view(into.shape[0], -1, 2)
         pairs[..., 0].copy_(low)
         pairs[..., 1].copy_(high)
-        # Scales widened first: a float16 operand in the multiply took 3x its time.
-        rows.view(into.shape[0], -1, GROUP).mul_(scale.to(into.dtype).unsqueeze(-1))
+        rows.view(into.shape[0], -1, GROUP).mul_(scale.unsqueeze(-1))
         return into
     # A convolution held in the default layout (float16 arithmetic on a CPU): widen in input
     # order, then reorder.
     levels = torch.stack((low, high), dim=-1).to(into.dtype)
-    rows = levels.view(into.shape[0], -1, GROUP).mul_(scale.to(into.dtype).unsqueeze(-1))
+    rows = levels.view(into.shape[0], -1, GROUP).mul_(scale.unsqueeze(-1))
     rows_view.copy_(rows.view(rows_view.shape))
     return into

@@ -9,7 +9,7 @@ import torch
 
 from agent.model.quantized import widen
 
-INT8_SCALE = "weight_scale"
+WEIGHT_SCALE = "weight_scale"
 """The buffer beside an integer weight: its scales (:mod:`agent.model.quantized`)."""
 
 
@@ -105,10 +105,10 @@ class UpcastOnUse:
         tensors = layer._buffers  # noqa: SLF001 - swapped for one call
         self._stored = dict(tensors)
         for name, stored in self._stored.items():
-            if stored is None or name == INT8_SCALE:
+            if stored is None or name == WEIGHT_SCALE:
                 continue
             if name == "weight":
-                scale = self._stored.get(INT8_SCALE)
+                scale = self._stored.get(WEIGHT_SCALE)
                 tensors[name], self._borrowed = self.arena.lend(stored, scale, self.shape)
             else:
                 tensors[name] = stored.to(self.arena.compute)

@@ -195,9 +195,6 @@ def write_copy(copy: Copy, weight_of: Callable[[StoredLayer], torch.Tensor]) -> 
     partial = copy.path.with_name(copy.path.name + PARTIAL_SUFFIX)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        free = free_bytes(folder)
-        if free is not None and free < size:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # noqa: TRY301 - told below
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             _reserve(descriptor, size)

@@ -21,7 +21,7 @@ import torch
 
 from agent.model.packed import pack_weights
 from agent.model.pages import MappedPages
-from agent.model.upcast import INT8_SCALE, UpcastArena, UpcastOnUse
+from agent.model.upcast import WEIGHT_SCALE, UpcastArena, UpcastOnUse
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -139,7 +139,7 @@ def store_quantized(
         for name in ("weight", "bias"):
             layer._parameters.pop(name, None)  # noqa: SLF001 - held as buffers, as float16 layers
         layer.register_buffer("weight", tensors[stored.weight.name])
-        layer.register_buffer(INT8_SCALE, tensors[stored.scale.name])
+        layer.register_buffer(WEIGHT_SCALE, tensors[stored.scale.name])
         mapped += sum(
             tensors[t.name].nbytes
             for t in (stored.weight, stored.scale)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from pipeline import MODEL, PROMPT, build_model, generate_image  # noqa: E402
 
+from agent.compare_forms import psnr  # noqa: E402
 from agent.model.pipeline import Text2Image  # noqa: E402
 from agent.model.protocol import PipelineOptions  # noqa: E402
 
@@ -64,9 +65,8 @@ def main() -> None:
             cosine = torch.nn.functional.cosine_similarity(
                 reference.flatten(), output.flatten(), dim=0
             ).item()
-            mse = float(((reference_image - image) ** 2).mean())
-            psnr = 10 * np.log10(255**2 / mse) if mse > 0 else float("inf")
-            print(f"| {form} | {relative:.4f} | {cosine:.5f} | {psnr:.1f} |", flush=True)
+            decibels = psnr(image, reference_image)
+            print(f"| {form} | {relative:.4f} | {cosine:.5f} | {decibels:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
