@@ -87,3 +87,14 @@ def test_the_performance_chart_is_drawn_from_the_saved_run(tmp_path):
         assert f"{case['latency_median_s']:.2f} s" in texts
     performance = (DOCS / "performance.md").read_text()
     assert performance.index("performance.svg") < performance.index("| case |")
+
+
+def test_the_cpu_class_table_quotes_its_saved_run():
+    """docs/performance.md's per-class figures are the saved run's, to the hundredth."""
+    run = json.loads((DOCS / "performance-cpu-classes-run.json").read_text())
+    performance = (DOCS / "performance.md").read_text()
+    section = performance[performance.index("## Per CPU class") :]
+    for case in run["cases"]:
+        if case["case"] in ("c", "x", "e", "a4"):
+            assert f"{case['latency_median_s']:.2f} ({case['latency_min_s']:.2f})" in section
+    assert "AMD EPYC (avx512_bf16)" in run["machine"]

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from agent.model.precision import machine_has_bf16
+from agent.model.precision import machine_arithmetic
 from tests.conftest import generate, require_command
 
 
@@ -53,7 +53,7 @@ def test_metrics_pass_promtool_and_count_jobs(shared_agent, client):
     assert re.search(r"^edgeai_model_load_seconds [0-9.]+$", text, re.MULTILINE)
     # auto precision: bfloat16 where the CPU computes it natively; elsewhere (a Pi) float16 or
     # float32, as the start's probe found faster.
-    expected = {"bfloat16"} if machine_has_bf16() else {"float16", "float32"}
+    expected = {"bfloat16"} if machine_arithmetic().bfloat16 else {"float16", "float32"}
     assert any(f'edgeai_model_info{{device="cpu",dtype="{dtype}"' in text for dtype in expected)
     assert 'levers="' in text
     assert "tiny-vae" in text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from agent.images import encode_image
 from agent.model.fused import ReluConv2d, ResidualReluTinyBlock, fuse_relu_convolutions
-from agent.model.half_probe import _fastest_run, half_compute_speedup
 from agent.model.packed import PackedConv2d, PackedLinear, pack_weights
 from agent.model.pages import file_mappings
 from agent.model.pipeline import Text2Image
 from agent.model.precision import (
-    choose_dtype,
     choose_variant,
-    cpu_has_bf16,
-    cpuinfo_features,
     fuses_decoder,
     machine_architecture,
     packs_weights,
-    use_half_weights,
 )
 from agent.model.protocol import PipelineOptions
 from agent.model.warmup import warmup_size
@@ -298,89 +292,6 @@ def test_after_a_warm_up_at_the_default_size_the_first_job_builds_no_kernels(opt
     assert onednn_primitives_built(warmed, capfd, 352) == 0
 
 
-DATA = Path(__file__).parent / "data"
-PI5_CPUINFO = (DATA / "cpuinfo-raspberry-pi-5.txt").read_text()
-XEON_CPUINFO = (DATA / "cpuinfo-xeon-amx.txt").read_text()
-PI5_TORCH = {"architecture": "aarch64", "neon": True, "fp16_arith": True, "bf16": False}
-XEON_TORCH = {"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": True}
-
-
-@pytest.mark.parametrize(
-    ("architecture", "cpuinfo", "capabilities", "expected"),
-    [
-        pytest.param("aarch64", PI5_CPUINFO, PI5_TORCH, False, id="raspberry-pi-5"),
-        pytest.param("x86_64", XEON_CPUINFO, XEON_TORCH, True, id="xeon-with-amx"),
-        # qemu-user: an arm64 root reads the x86 host's cpuinfo; its flags are no witness.
-        pytest.param("aarch64", XEON_CPUINFO, PI5_TORCH, False, id="pi-5-emulated-on-the-xeon"),
-        pytest.param("x86_64", XEON_CPUINFO, None, True, id="xeon-torch-without-the-query"),
-        pytest.param("aarch64", PI5_CPUINFO, None, False, id="pi-5-torch-without-the-query"),
-        pytest.param(
-            "x86_64", XEON_CPUINFO, {"avx512_bf16": False}, False, id="torch-and-cpuinfo-disagree"
-        ),
-        pytest.param("aarch64", "", {"bf16": True}, True, id="arm-with-bf16-cpuinfo-unreadable"),
-    ],
-)
-def test_bfloat16_only_where_the_cpu_computes_it(architecture, cpuinfo, capabilities, expected):
-    assert cpu_has_bf16(architecture, cpuinfo, capabilities) is expected
-    bf16_cpu = cpu_has_bf16(architecture, cpuinfo, capabilities)
-    # A CPU whose float16 is no faster than float32 (the probe's answer) computes in float32.
-    assert choose_dtype("auto", "cpu", bf16_cpu=bf16_cpu, half_speedup=lambda: 1.0) == (
-        torch.bfloat16 if expected else torch.float32
-    )
-
-
-def probed() -> float:
-    raise AssertionError("the probe ran where the choice was already made")
-
-
-@pytest.mark.parametrize(
-    ("speedup", "expected"),
-    [
-        pytest.param(2.0, torch.float16, id="float16-twice-as-fast"),
-        pytest.param(1.25, torch.float16, id="float16-just-fast-enough"),
-        pytest.param(1.1, torch.float32, id="float16-within-noise"),
-        pytest.param(0.6, torch.float32, id="float16-converted-only"),
-        pytest.param(0.0, torch.float32, id="no-float16-kernel"),
-    ],
-)
-def test_float16_arithmetic_where_the_probe_finds_it_faster(speedup, expected):
-    assert choose_dtype("auto", "cpu", bf16_cpu=False, half_speedup=lambda: speedup) == expected
-    # bfloat16, a GPU and an explicit setting never pay for the probe.
-    assert choose_dtype("auto", "cpu", bf16_cpu=True, half_speedup=probed) == torch.bfloat16
-    assert choose_dtype("auto", "cuda", half_speedup=probed) == torch.float16
-    assert choose_dtype("float32", "cpu", bf16_cpu=False, half_speedup=probed) == torch.float32
-
-
-def test_a_slow_first_run_is_answer_enough():
-    """A CPU with only a slow fallback float16 kernel must not hold up the worker's start."""
-    runs = []
-
-    def slow() -> None:
-        runs.append(time.sleep(0.05))
-
-    assert _fastest_run(slow, 3, give_up_after=0.01) >= 0.05
-    assert len(runs) == 1  # decided at the first run
-    assert _fastest_run(slow, 3, give_up_after=1.0) >= 0.05
-    assert len(runs) == 1 + 4  # a first run, then three timed ones
-
-
-@pytest.mark.parametrize("upcast", [True, False], ids=["float16-stored", "float32-stored"])
-def test_the_float16_probe_measures_this_cpu_in_seconds(upcast):
-    begun = time.perf_counter()
-    speedup = half_compute_speedup(upcast=upcast)
-    elapsed = time.perf_counter() - begun
-    assert 0.05 < speedup < 20  # both precisions ran and were timed
-    assert elapsed < 5.0  # paid at every worker start (about 1 s on a quiet 2-core Xeon)
-
-
-def test_this_machine_is_read_by_architecture():
-    assert machine_architecture("AMD64") == "x86_64"
-    assert machine_architecture("arm64") == "aarch64"
-    assert cpuinfo_features(PI5_CPUINFO, "aarch64") >= {"fp", "asimd", "asimdhp"}
-    assert cpuinfo_features(XEON_CPUINFO, "aarch64") is None
-    assert "avx512_bf16" in cpuinfo_features(XEON_CPUINFO, "x86_64")
-
-
 def test_float16_compute_runs_on_the_mapped_weights_themselves(options, fp16_model):
     """float16 arithmetic (a Pi 5 where the probe finds it faster): no copy, no upcast, and
     nearly the float32 image from the same files."""
@@ -404,17 +315,6 @@ def test_float16_compute_runs_on_the_mapped_weights_themselves(options, fp16_mod
     assert timings.denoising > 0
     difference = np.abs(np.asarray(image, "f4") - np.asarray(full, "f4"))
     assert difference.mean() < 2.0
-
-
-def test_precision_and_memory_choices():
-    assert choose_dtype("auto", "cuda") == torch.float16
-    assert choose_dtype("float32", "cpu", bf16_cpu=True) == torch.float32
-    assert use_half_weights("on", "cpu", torch.bfloat16, 64 * 2**30)
-    assert not use_half_weights("auto", "cpu", torch.bfloat16, 4 * 2**30)
-    assert not use_half_weights("off", "cpu", torch.float32, 4 * 2**30)
-    # auto follows the memory limit that applies (a cgroup's), not the machine's memory.
-    assert use_half_weights("auto", "cpu", torch.float32, 7 * 2**30)
-    assert not use_half_weights("auto", "cpu", torch.float32, 32 * 2**30)
 
 
 bfloat16_by_onednn = pytest.mark.skipif(

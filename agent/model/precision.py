@@ -11,6 +11,7 @@ Only the worker process imports this module (it imports torch).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 from pathlib import Path
@@ -27,12 +28,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuFeature:
+    """A CPU feature, under the names torch's capability query and ``/proc/cpuinfo`` give it."""
+
+    torch_names: tuple[str, ...]
+    cpuinfo_names: tuple[str, ...]
+
+    def named(self) -> str:
+        """Return the feature's names, as an operator reads them in the log."""
+        return " or ".join(dict.fromkeys((*self.cpuinfo_names, *self.torch_names)))
+
+
 BF16_FEATURES = {
-    "x86_64": ("avx512_bf16", "amx_bf16"),
-    "aarch64": ("bf16",),
+    "x86_64": CpuFeature(("avx512_bf16", "amx_bf16"), ("avx512_bf16", "amx_bf16")),
+    "aarch64": CpuFeature(("bf16",), ("bf16",)),
 }
 """CPU features that make bfloat16 matrix maths several times faster than float32, per
-architecture, under the names both torch and ``/proc/cpuinfo`` use."""
+architecture."""
+NATIVE_HALF_FEATURES = {
+    "x86_64": CpuFeature(("avx512_fp16", "amx_fp16"), ("avx512_fp16", "amx_fp16")),
+    "aarch64": CpuFeature(("fp16_arith",), ("asimdhp", "fphp")),
+}
+"""CPU features that compute float16 itself rather than converting it to float32: only with one
+of them can float16 arithmetic beat float32, so only there is it measured. Without, on x86 the
+float16 kernels are a fallback 60-100x slower than float32 (measured on a Zen 4 EPYC)."""
 CPUINFO_FEATURE_LINE = {"x86_64": "flags", "aarch64": "Features"}
 HALF_COMPUTE_SPEEDUP_NEEDED = 1.25
 """On a CPU without bfloat16, float16 arithmetic replaces float32 only when the probe finds the
@@ -69,34 +91,91 @@ def torch_cpu_capabilities() -> Mapping[str, Any] | None:
     return query() if query is not None else None
 
 
-def cpu_has_bf16(
+def cpu_has(
+    features: Mapping[str, CpuFeature],
     architecture: str,
     cpuinfo: str,
     capabilities: Mapping[str, Any] | None,
 ) -> bool:
-    """Return whether this CPU computes bfloat16 natively.
+    """Return whether this CPU has one of ``features``' entry for its architecture.
 
     Both witnesses must agree where both speak: torch's capability query, and the feature line
     of ``/proc/cpuinfo`` for this architecture. A cpuinfo with no such line (another
     architecture's text under emulation) is no witness.
 
     Args:
+        features: The feature per architecture (:data:`BF16_FEATURES`,
+            :data:`NATIVE_HALF_FEATURES`).
         architecture: ``x86_64`` or ``aarch64`` (:func:`machine_architecture`).
         cpuinfo: The text of ``/proc/cpuinfo``.
         capabilities: :func:`torch_cpu_capabilities`, or None where torch has no such query.
     """
-    wanted = BF16_FEATURES.get(architecture, ())
+    feature = features.get(architecture)
+    if feature is None:
+        return False
     listed = cpuinfo_features(cpuinfo, architecture)
     if capabilities is None and listed is None:
         return False
-    by_torch = capabilities is None or any(capabilities.get(name) for name in wanted)
-    by_cpuinfo = listed is None or any(name in listed for name in wanted)
+    by_torch = capabilities is None or any(capabilities.get(name) for name in feature.torch_names)
+    by_cpuinfo = listed is None or any(name in listed for name in feature.cpuinfo_names)
     return by_torch and by_cpuinfo
 
 
-def machine_has_bf16() -> bool:
-    """Return whether this machine's CPU computes bfloat16 natively (:func:`cpu_has_bf16`)."""
-    return cpu_has_bf16(machine_architecture(), read_cpuinfo(), torch_cpu_capabilities())
+def cpu_has_bf16(
+    architecture: str,
+    cpuinfo: str,
+    capabilities: Mapping[str, Any] | None,
+) -> bool:
+    """Return whether this CPU computes bfloat16 natively (:func:`cpu_has`)."""
+    return cpu_has(BF16_FEATURES, architecture, cpuinfo, capabilities)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuArithmetic:
+    """Which reduced precisions this machine's CPU computes itself."""
+
+    architecture: str
+    bfloat16: bool
+    float16: bool
+    bfloat16_withheld: bool = False
+    """The CPU lists bfloat16 but oneDNN was told not to use it (``ONEDNN_MAX_CPU_ISA``)."""
+
+    def lacks(self) -> str:
+        """Return what the CPU lacks, as the log says it."""
+        if self.architecture not in BF16_FEATURES:
+            return f"no bfloat16 or float16 arithmetic known on {self.architecture}"
+        bfloat16 = (
+            "bfloat16 withheld from oneDNN (ONEDNN_MAX_CPU_ISA)"
+            if self.bfloat16_withheld
+            else f"no {BF16_FEATURES[self.architecture].named()}"
+        )
+        return f"{bfloat16} and no {NATIVE_HALF_FEATURES[self.architecture].named()}"
+
+
+def machine_arithmetic() -> CpuArithmetic:
+    """Return which reduced precisions this machine's CPU computes itself.
+
+    On x86-64 bfloat16 also needs oneDNN's consent: oneDNN computes it there, and
+    ``ONEDNN_MAX_CPU_ISA`` (as for a CPU of an older class) can withhold the instructions.
+    """
+    architecture = machine_architecture()
+    cpuinfo = read_cpuinfo()
+    capabilities = torch_cpu_capabilities()
+    listed = cpu_has_bf16(architecture, cpuinfo, capabilities)
+    withheld = listed and architecture == "x86_64" and not onednn_computes_bf16()
+    return CpuArithmetic(
+        architecture=architecture,
+        bfloat16=listed and not withheld,
+        float16=cpu_has(NATIVE_HALF_FEATURES, architecture, cpuinfo, capabilities),
+        bfloat16_withheld=withheld,
+    )
+
+
+def onednn_computes_bf16() -> bool:
+    """Return whether oneDNN has bfloat16 kernels for this CPU (and may use them)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # noqa: SLF001 - no public name
 
 
 def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
@@ -118,20 +197,21 @@ def choose_dtype(
     setting: str,
     device: str,
     *,
-    bf16_cpu: bool | None = None,
+    arithmetic: CpuArithmetic | None = None,
     half_speedup: Callable[[], float] | None = None,
 ) -> torch.dtype:
-    """Return the precision: auto is float16 on cuda, bfloat16 on a CPU with it, else measured.
+    """Return the precision: auto is float16 on cuda, bfloat16 on a CPU with it, else float32.
 
-    On a CPU without bfloat16 (a Raspberry Pi 5), float16 arithmetic is chosen where the probe
-    finds it at least :data:`HALF_COMPUTE_SPEEDUP_NEEDED` times faster than float32, float32
-    otherwise. float16 keeps more mantissa than bfloat16 and is the precision SDXL-Turbo's fp16
+    On a CPU without bfloat16 that computes float16 itself (a Raspberry Pi 5), float16 is chosen
+    where the probe finds it at least :data:`HALF_COMPUTE_SPEEDUP_NEEDED` times faster than
+    float32. float16 keeps more mantissa than bfloat16 and is the precision SDXL-Turbo's fp16
     files are made to run in; it also computes straight from float16 weights, with no upcast.
+    A CPU that only converts float16 (most x86 CPUs) computes in float32 at once: no probe.
 
     Args:
         setting: ``auto`` or a dtype name.
         device: ``cpu`` or ``cuda``.
-        bf16_cpu: Whether the CPU computes bfloat16 natively; asked of the machine when None.
+        arithmetic: What the CPU computes itself; asked of the machine when None.
         half_speedup: Measures float16's speed over float32; None measures it against float32
             with float16-stored weights, as on every Pi (:func:`half_compute_speedup`).
     """
@@ -139,10 +219,17 @@ def choose_dtype(
         return DTYPES[setting]
     if device == "cuda":
         return torch.float16
-    if bf16_cpu is None:
-        bf16_cpu = machine_has_bf16()
-    if bf16_cpu:
+    if arithmetic is None:
+        arithmetic = machine_arithmetic()
+    if arithmetic.bfloat16:
         return torch.bfloat16
+    if not arithmetic.float16:
+        log.info(
+            "computing in float32: this CPU has %s, so neither precision can beat float32 here "
+            "(nothing to measure)",
+            arithmetic.lacks(),
+        )
+        return torch.float32
     speedup = half_speedup() if half_speedup is not None else half_compute_speedup(upcast=True)
     chosen = torch.float16 if speedup >= HALF_COMPUTE_SPEEDUP_NEEDED else torch.float32
     log.info(
@@ -211,9 +298,7 @@ def _onednn_computes(device: str, compute: torch.dtype) -> bool:
         device == "cpu"
         and machine_architecture() == "x86_64"
         and torch.backends.mkldnn.is_available()
-        and (
-            compute != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # noqa: SLF001 - no public name
-        )
+        and (compute != torch.bfloat16 or onednn_computes_bf16())
     )
 
 

@@ -30,8 +30,9 @@ class ModelSettings(BaseModel):
     dtype: DType = Field(
         default="auto",
         description="Precision: auto is float16 on cuda, bfloat16 on a CPU with AVX512-BF16 or "
-        "AMX; on other CPUs (a Raspberry Pi) float16 where a probe at start finds it at least "
-        "1.25x faster than float32 there, else float32.",
+        "AMX; on a CPU without it that computes float16 itself (Arm's asimdhp, as a Pi 5; x86's "
+        "AVX512-FP16 or AMX-FP16) float16 where a probe at start (1 s at most) finds it at least "
+        "1.25x faster than float32; elsewhere float32 at once.",
     )
     tiny_vae: str = Field(
         default="madebyollin/taesdxl",

@@ -48,14 +48,14 @@ def best_rate(rows: int, inner: int, columns: int, precision: str, repeats: int)
     return round(2 * rows * inner * columns / best / 1e9, 1)
 
 
-def matmul_rates(threads: int = 0) -> dict[str, float]:
+def matmul_rates(threads: int = 0, precisions: tuple[str, ...] = PRECISIONS) -> dict[str, float]:
     """Return the best GFLOP/s of a 4096^3 matrix multiply per precision, on ``threads`` threads."""
     import torch  # noqa: PLC0415
 
     if threads:
         torch.set_num_threads(threads)
     square = (MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE)
-    return {name: best_rate(*square, name, MATMUL_REPEATS) for name in PRECISIONS}
+    return {name: best_rate(*square, name, MATMUL_REPEATS) for name in precisions}
 
 
 UNET_SHAPES = {
@@ -193,6 +193,9 @@ def main() -> None:
     """Print the rates or the FLOPs as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rates", action="store_true")
+    parser.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="with --rates: which (comma-separated)"
+    )
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--shapes", action="store_true")
     arguments = parser.parse_args()
@@ -206,7 +209,7 @@ def main() -> None:
             )
             print(f"{label}: {shares}")
     if arguments.rates:
-        print(json.dumps(matmul_rates()))
+        print(json.dumps(matmul_rates(precisions=tuple(arguments.precisions.split(",")))))
     if arguments.flops:
         print(json.dumps(count_flops()))
 

@@ -52,6 +52,17 @@ PI_PATH = {"EDGEAI_DTYPE": "float32", "EDGEAI_HALF_WEIGHTS": "on", "EDGEAI_WEIGH
 """The Pi path as it was before the integer forms: float16 weights whatever the memory."""
 PI_AUTO = {**PI_PATH, "EDGEAI_WEIGHT_FORM": "auto"}
 """The Pi path as it installs: the weights' form chosen by the memory limit."""
+AVX2_ONLY = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+"""An AVX2-only CPU (the Intel N100 class, Ryzen before Zen 4) stood in for by this one: oneDNN,
+torch's own kernels and MKL held to AVX2. oneDNN then withholds bfloat16, so the agent's auto
+reads a CPU without it, as on such a machine."""
+AVX2_RATE = "float32-avx2"
+"""The float32 matrix rate measured under :data:`AVX2_ONLY`: what the stand-in's cases are a
+share of."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +158,12 @@ CASES = {
     "a2": Case(
         "the Pi path as installed, 2 GiB cgroup (auto: int4)", PI_AUTO, "float32", 2, base="e"
     ),
+    "x": Case(
+        "an AVX2-only CPU (N100 class) stood in for, default settings (auto: float32)",
+        AVX2_ONLY,
+        AVX2_RATE,
+        base="c",
+    ),
 }
 JEMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
 TCMALLOC = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
@@ -173,6 +190,12 @@ LEVERS = {
         {**PI_PATH, "EDGEAI_FUSED_DECODER": "false"},
         "float32",
         base="e",
+    ),
+    "xf": Case(
+        "lever off: the AVX2-only stand-in, the decoder's ReLUs and sums not fused",
+        {**AVX2_ONLY, "EDGEAI_FUSED_DECODER": "false"},
+        AVX2_RATE,
+        base="x",
     ),
     "cj": Case("lever: default settings, jemalloc", JEMALLOC, base="c"),
     "ct": Case("lever: default settings, tcmalloc", TCMALLOC, base="c"),
@@ -339,24 +362,43 @@ def run_plain(jobs: int) -> Sample:
     return Sample({}, runs, stages, memory, float(result["load_s"]))  # type: ignore[arg-type]
 
 
-def fresh_rates() -> dict[str, float]:
-    """Measure the matrix rates in a fresh process (the cases' processes are fresh too)."""
-    completed = subprocess.run(
-        [sys.executable, str(HERE / "machine.py"), "--rates"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def fresh_rates(*, avx2: bool) -> dict[str, float]:
+    """Measure the matrix rates in a fresh process (the cases' processes are fresh too).
+
+    Args:
+        avx2: Also measure float32 held to AVX2 (:data:`AVX2_RATE`), for the stand-in's cases.
+    """
+
+    def measured(env: dict[str, str], *precisions: str) -> dict[str, float]:
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "machine.py"),
+                "--rates",
+                "--precisions",
+                ",".join(precisions),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **env},
+        )
+        return json.loads(completed.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    rates = measured({}, *machine.PRECISIONS)
+    if avx2:
+        # bfloat16 held to AVX2 has only torch's slow fallback: float32 alone.
+        rates[AVX2_RATE] = measured(AVX2_ONLY, "float32")["float32"]
+    return rates
 
 
 def precision_of(case: Case) -> str:
     if case.precision != "auto":
         return case.precision
     sys.path.insert(0, str(ROOT))
-    from agent.model.precision import machine_has_bf16  # noqa: PLC0415
+    from agent.model.precision import machine_arithmetic  # noqa: PLC0415
 
-    return "bfloat16" if machine_has_bf16() else "float32"
+    return "bfloat16" if machine_arithmetic().bfloat16 else "float32"
 
 
 def summarize(case_id: str, case: Case, samples: list[Sample], flops: dict[str, float]) -> dict:
@@ -421,7 +463,7 @@ def cell(value: float | None, digits: int = 2) -> str:
 def print_table(rows: list[dict], rates: list[dict[str, float]], described: str) -> None:
     """Print the machine, its matrix rates and the markdown table."""
     print(f"\nMachine: {described}")
-    for precision in machine.PRECISIONS:
+    for precision in rates[0]:
         values = [rate[precision] for rate in rates]
         print(
             f"{precision} matmul rate (4096^3, every core), {len(values)} rounds: "
@@ -544,7 +586,7 @@ def main() -> None:
         broker = start_broker(Path(folder) / "broker")
         try:
             for round_index in range(arguments.rounds):
-                rates.append(fresh_rates())
+                rates.append(fresh_rates(avx2=any(CASES[c].precision == AVX2_RATE for c in chosen)))
                 order = chosen[round_index % len(chosen) :] + chosen[: round_index % len(chosen)]
                 for case_id in order:
                     case, began = CASES[case_id], time.monotonic()
