@@ -40,8 +40,10 @@ from agent.settings import SettingsError
 from agent.status import AgentStatus
 from agent.web.a1111_api import A1111Api
 from agent.web.auth import TokenGate, UrlSigner, agent_token
+from agent.web.connections import connection_limits
 from agent.web.generation import Generation
 from agent.web.openai_api import OpenAIApi
+from agent.web.origin import host_allowlist
 from agent.web.page_api import PageApi
 from agent.web.server import AgentHttpServer, HttpConfig
 
@@ -126,7 +128,9 @@ class Agent:
                 max_body_bytes=settings.max_payload_bytes,
                 max_picture_body_bytes=settings.max_image_payload_bytes,
                 idle_timeout_s=settings.http_idle_timeout_s,
+                limits=connection_limits(settings),
                 frame_ancestors=tuple(settings.http_frame_ancestors),
+                hosts=host_allowlist(settings),
             ),
             store.folder,
             metrics.registry,

@@ -12,6 +12,7 @@ from pathlib import Path
 from agent import __version__
 from agent.home_assistant_app import prepare_app_environment
 from agent.logs import configure_logging
+from agent.machine.memory import return_large_allocations
 from agent.settings import SettingsError, describe_settings, load_settings
 
 
@@ -75,4 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("agent.home_assistant_app").info("%s", as_app)
     from agent.app import Agent  # noqa: PLC0415 - keeps --help fast
 
+    # The daemon's large buffers (a picture being decoded) go back to the system once freed.
+    return_large_allocations()
     return asyncio.run(Agent(settings).run())

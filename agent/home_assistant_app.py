@@ -46,6 +46,8 @@ OPTIONS = {
     "mqtt_password": "EDGEAI_MQTT_PASSWORD",
 }
 """The app's options (config.yaml's schema) and the settings they set; empty ones set nothing."""
+NUMBER_OPTIONS = ("default_width", "default_height", "default_steps", "mqtt_port")
+"""Options that are whole numbers; every other one is text."""
 BROKER = {
     "host": "EDGEAI_MQTT_HOST",
     "port": "EDGEAI_MQTT_PORT",
@@ -60,12 +62,21 @@ def app_environment(options: dict[str, Any], broker: dict[str, Any] | None) -> d
     Args:
         options: ``/data/options.json``.
         broker: The ``data`` of the Supervisor's ``/services/mqtt`` answer, or None.
+
+    Raises:
+        SettingsError: An option is not of its kind: ``api_token: false`` must not become the
+            token "False".
     """
     variables = dict(FIXED)
     for option, name in OPTIONS.items():
         value = options.get(option)
-        if value is not None and str(value) != "":
-            variables[name] = str(value)
+        if value is None or value == "":
+            continue
+        kind = int if option in NUMBER_OPTIONS else str
+        if isinstance(value, bool) or not isinstance(value, kind):
+            expected = "a whole number" if kind is int else "text"
+            raise SettingsError(f"the app option {option} must be {expected}, not {value!r}")
+        variables[name] = str(value)
     if "EDGEAI_MQTT_HOST" not in variables and broker:
         for key, name in BROKER.items():
             if broker.get(key) not in (None, ""):

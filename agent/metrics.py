@@ -37,8 +37,12 @@ HTTP_REFUSALS = (
     "unsupported_media_type",
     "payload_too_large",
     "body_timeout",
+    "unknown_host",
+    "too_many_connections",
+    "too_many_streams",
 )
-"""Why the HTTP server refuses a request before its handler (400, 401, 403, 415, 413, 408)."""
+"""Why the HTTP server refuses a request before its handler (400, 401, 403, 415, 413, 408, 421
+for a name not the agent's), or a connection or event stream over its cap (503)."""
 MODES = ("txt2img", "img2img")
 """The ``mode`` label: text-to-image, or image-to-image (a request with an init image)."""
 

@@ -277,6 +277,33 @@ class AgentProcess:
             raise
 
 
+@contextlib.contextmanager
+def running_agent(
+    broker: Broker, model: Path, state_dir: Path, env: dict[str, str]
+) -> Iterator[AgentProcess]:
+    """Run an agent with ``env`` for the length of a with block (a module's shared agent)."""
+    agent = AgentProcess(broker, model, state_dir, env)
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+API_TOKEN = "s3cret-token"
+"""The API token of the agents that require one (:func:`token_agent`, the API tests')."""
+
+
+@pytest.fixture(scope="module")
+def token_agent(
+    module_broker: Broker, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
+    """A module's agent that requires :data:`API_TOKEN` over HTTP."""
+    env = {"EDGEAI_API_TOKEN": API_TOKEN, "EDGEAI_HTTP_AUTH": "true"}
+    with running_agent(module_broker, tiny_model, tmp_path_factory.mktemp("token"), env) as agent:
+        yield agent
+
+
 @pytest.fixture
 def make_agent(tmp_path: Path, tiny_model: Path) -> Iterator:
     agents: list[AgentProcess] = []

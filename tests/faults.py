@@ -287,7 +287,7 @@ def run_fleet(*, jobs: int, kills: int, seed: int, timeout: float) -> FleetRepor
             for agent in agents:
                 agent.start()
             counter.subscribe("edgeai/fleet/generate")
-            watcher.subscribe("edgeai/fleet/result/+", "edgeai/+/result/+")
+            watcher.subscribe("edgeai/fleet/result/+/+", "edgeai/+/result/+")
             ids = [f"fleet-{index}" for index in range(jobs)]
             began = time.monotonic()
             for job_id in ids:

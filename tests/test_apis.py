@@ -18,9 +18,9 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import AgentProcess
+from tests.conftest import API_TOKEN, AgentProcess
 
-TOKEN = "s3cret-token"
+TOKEN = API_TOKEN
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,9 @@ def test_the_service_unit_is_hardened_and_waits_for_the_grace_period():
     stop_timeout = int(service["TimeoutStopSec"])
     assert stop_timeout > Settings.model_fields["shutdown_grace_s"].default
     assert service["MemoryMax"]
+    # Far above the HTTP connection cap, which the agent fits below its open-files limit.
+    open_files = int(service["LimitNOFILE"])
+    assert open_files >= 4 * Settings.model_fields["http_max_connections"].default
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
     assert service["StateDirectory"] == "edgeai-agent"

@@ -30,7 +30,7 @@ def test_twenty_fleet_jobs_each_run_once_and_the_faster_agent_does_more(
     slow.start()
     client = broker.client()
     try:
-        client.subscribe("edgeai/fleet/result/+")
+        client.subscribe("edgeai/fleet/result/+/+")
         for index in range(JOBS):
             client.publish(
                 "edgeai/fleet/generate",
@@ -45,6 +45,11 @@ def test_twenty_fleet_jobs_each_run_once_and_the_faster_agent_does_more(
         per_id = Counter(result["id"] for result in results)
         assert per_id == Counter({f"fleet-{index}": 1 for index in range(JOBS)})
         assert all(result["status"] == "ok" for result in results)
+        # The topic names the node that ran each job (only that node may write under it).
+        node_of = {str(tiny_model): fast.node_id, str(slow_model): slow.node_id}
+        for message in client.messages_matching("edgeai/fleet/result/"):
+            _, _, _, node, job_id = message.topic.split("/")
+            assert (node, job_id) == (node_of[message.json()["model"]], message.json()["id"])
         by_agent = Counter(result["model"] for result in results)
         fast_jobs, slow_jobs = by_agent[str(tiny_model)], by_agent[str(slow_model)]
         print(f"fleet split: fast agent {fast_jobs} jobs, slow agent {slow_jobs} jobs")

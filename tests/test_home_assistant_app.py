@@ -124,3 +124,25 @@ def test_unreadable_options_are_a_clear_error(tmp_path, supervisor):
     broken.write_text("{not json")
     with pytest.raises(SettingsError, match="cannot read the app's options"):
         prepare_app_environment({"SUPERVISOR_TOKEN": "token-1"}, broken, url)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("api_token", False, "text"),
+        ("api_token", 12345, "text"),
+        ("mqtt_password", True, "text"),
+        ("default_steps", "2", "a whole number"),
+        ("mqtt_port", True, "a whole number"),
+    ],
+)
+def test_an_option_of_the_wrong_kind_stops_the_start_and_is_named(
+    tmp_path, supervisor, option, value, expected
+):
+    """``api_token: false`` in the app's YAML must not become the token "False"."""
+    url, _ = supervisor
+    options = write_options(tmp_path, model="m", mqtt_host="10.0.0.5", **{option: value})
+    environ = {"SUPERVISOR_TOKEN": "token-1"}
+    with pytest.raises(SettingsError, match=f"the app option {option} must be {expected}"):
+        prepare_app_environment(environ, options, url)
+    assert "EDGEAI_API_TOKEN" not in environ

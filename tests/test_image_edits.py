@@ -16,20 +16,10 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import AgentProcess
 from tests.pictures import b64, picture
 from tests.test_apis import TOKEN, basic, call, openai_client
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def edit_agent(module_broker, tiny_model, tmp_path_factory):
-    env = {"EDGEAI_API_TOKEN": TOKEN, "EDGEAI_HTTP_AUTH": "true"}
-    agent = AgentProcess(module_broker, tiny_model, tmp_path_factory.mktemp("edit-agent"), env)
-    agent.start()
-    yield agent
-    agent.stop()
 
 
 def size_of(data: bytes) -> tuple[int, int]:
@@ -37,8 +27,8 @@ def size_of(data: bytes) -> tuple[int, int]:
         return image.size
 
 
-def test_the_openai_package_edits_a_picture(edit_agent, tmp_path):
-    client = openai_client(edit_agent)
+def test_the_openai_package_edits_a_picture(token_agent, tmp_path):
+    client = openai_client(token_agent)
     photo = tmp_path / "doorbell.png"
     photo.write_bytes(picture(640, 480, seed=4))
     with photo.open("rb") as file:
@@ -65,14 +55,14 @@ def test_the_openai_package_edits_a_picture(edit_agent, tmp_path):
         )
     assert len(sized.data) == 2
     for entry in sized.data:
-        status, _, body = edit_agent.http_get(entry.url.removeprefix(edit_agent.url))
+        status, _, body = token_agent.http_get(entry.url.removeprefix(token_agent.url))
         assert status == 200
         assert size_of(body) == (512, 512)
-    assert edit_agent.metric("edgeai_requests_total", outcome="accepted", mode="img2img") >= 5
+    assert token_agent.metric("edgeai_requests_total", outcome="accepted", mode="img2img") >= 5
 
 
-def test_the_openai_package_hears_why_an_edit_is_refused(edit_agent, tmp_path):
-    client = openai_client(edit_agent)
+def test_the_openai_package_hears_why_an_edit_is_refused(token_agent, tmp_path):
+    client = openai_client(token_agent)
     photo = tmp_path / "doorbell.png"
     photo.write_bytes(picture())
     with photo.open("rb") as file, pytest.raises(openai.BadRequestError) as masked:
@@ -91,10 +81,10 @@ def test_the_openai_package_hears_why_an_edit_is_refused(edit_agent, tmp_path):
         "strength",
     )
     with photo.open("rb") as file, pytest.raises(openai.AuthenticationError):
-        openai_client(edit_agent, token="wrong").images.edit(image=file, prompt="x")
+        openai_client(token_agent, token="wrong").images.edit(image=file, prompt="x")
 
 
-def test_what_open_webui_sends_when_it_edits_an_image(edit_agent):
+def test_what_open_webui_sends_when_it_edits_an_image(token_agent):
     """Open WebUI's image_edits (backend/open_webui/routers/images.py), OpenAI engine: an
     aiohttp form of model, prompt, n, size and response_format, the picture as a file named
     after a uuid, Bearer auth."""
@@ -115,7 +105,7 @@ def test_what_open_webui_sends_when_it_edits_an_image(edit_agent):
         )
         async with (
             aiohttp.ClientSession() as session,
-            session.post(f"{edit_agent.url}/v1/images/edits", headers=BEARER, data=form) as r,
+            session.post(f"{token_agent.url}/v1/images/edits", headers=BEARER, data=form) as r,
         ):
             return r.status, await r.json(content_type=None)
 
@@ -124,7 +114,7 @@ def test_what_open_webui_sends_when_it_edits_an_image(edit_agent):
     assert size_of(base64.b64decode(answer["data"][0]["b64_json"])) == (768, 576)
 
 
-def test_automatic1111_img2img_answers_like_txt2img(edit_agent):
+def test_automatic1111_img2img_answers_like_txt2img(token_agent):
     body = {
         "init_images": ["data:image/png;base64," + b64(picture(512, 384, seed=3))],
         "denoising_strength": 0.5,
@@ -137,7 +127,7 @@ def test_automatic1111_img2img_answers_like_txt2img(edit_agent):
         "sampler_name": "Euler a",  # AUTOMATIC1111's own, accepted and ignored
         "resize_mode": 0,
     }
-    status, answer = call(edit_agent, "POST", "/sdapi/v1/img2img", body, basic())
+    status, answer = call(token_agent, "POST", "/sdapi/v1/img2img", body, basic())
     assert status == 200, answer
     assert len(answer["images"]) == 2
     info = json.loads(answer["info"])
@@ -145,7 +135,7 @@ def test_automatic1111_img2img_answers_like_txt2img(edit_agent):
     assert (info["width"], info["height"], info["steps"]) == (512, 384, 1)
     assert info["denoising_strength"] == 0.5
     assert size_of(base64.b64decode(answer["images"][0])) == (512, 384)
-    again = call(edit_agent, "POST", "/sdapi/v1/img2img", body, basic())[1]
+    again = call(token_agent, "POST", "/sdapi/v1/img2img", body, basic())[1]
     assert again["images"] == answer["images"]
     for broken, param in (
         ({**body, "mask": b64(picture())}, "mask"),
@@ -153,32 +143,32 @@ def test_automatic1111_img2img_answers_like_txt2img(edit_agent):
         ({**body, "init_images": ["bm90IGEgcGljdHVyZQ=="]}, "init_images"),
         ({**body, "denoising_strength": 0}, "denoising_strength"),
     ):
-        status, refused = call(edit_agent, "POST", "/sdapi/v1/img2img", broken, basic())
+        status, refused = call(token_agent, "POST", "/sdapi/v1/img2img", broken, basic())
         assert status == 400, refused
         assert refused["detail"].startswith(param), refused
 
 
-def test_the_page_api_restyles_and_the_gallery_shows_the_source(edit_agent):
+def test_the_page_api_restyles_and_the_gallery_shows_the_source(token_agent):
     body = {"prompt": "a watercolour", "init_image": b64(picture(400, 300)), "strength": 0.7}
-    status, created = call(edit_agent, "POST", "/api/jobs", body, BEARER)
+    status, created = call(token_agent, "POST", "/api/jobs", body, BEARER)
     assert status == 202, created
     job_id = created["id"]
     for _ in range(600):
-        status, found = call(edit_agent, "GET", f"/api/jobs/{job_id}", headers=BEARER)
+        status, found = call(token_agent, "GET", f"/api/jobs/{job_id}", headers=BEARER)
         if found.get("status") == "done":
             break
         asyncio.run(asyncio.sleep(0.1))
     reply = found["reply"]
     assert (reply["mode"], reply["strength"]) == ("img2img", 0.7)
-    _, gallery = call(edit_agent, "GET", "/api/images", headers=BEARER)
+    _, gallery = call(token_agent, "GET", "/api/images", headers=BEARER)
     entry = next(image for image in gallery["images"] if image["id"] == job_id)
-    source = entry["source_url"].removeprefix(edit_agent.url)
-    status, headers, thumbnail = edit_agent.http_get(source)
+    source = entry["source_url"].removeprefix(token_agent.url)
+    status, headers, thumbnail = token_agent.http_get(source)
     assert status == 200
     assert headers["Content-Type"] == "image/jpeg"
     assert max(size_of(thumbnail)) == 256
     text = call(
-        edit_agent,
+        token_agent,
         "POST",
         "/api/jobs",
         {"prompt": "x" * 900, "negative_prompt": " " * 16_000},
@@ -234,9 +224,9 @@ def form_body(fields: dict[str, bytes], boundary: str = "b0undary") -> bytes:
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
-def test_an_oversized_upload_is_refused_unread(edit_agent):
+def test_an_oversized_upload_is_refused_unread(token_agent):
     huge = form_body({"prompt": b"x", "image": b"\0" * (5 * 1024 * 1024)})
-    answer = raw_post(edit_agent, form_head("/v1/images/edits", len(huge)), huge, send_all=False)
+    answer = raw_post(token_agent, form_head("/v1/images/edits", len(huge)), huge, send_all=False)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # Declared small, sent big (chunked): stopped once past the bound.
     head = form_head("/v1/images/edits", 0).replace(
@@ -246,7 +236,7 @@ def test_an_oversized_upload_is_refused_unread(edit_agent):
         f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
         for piece in (huge[i : i + 1 << 20] for i in range(0, len(huge), 1 << 20))
     )
-    answer = raw_post(edit_agent, head, chunks + b"0\r\n\r\n")
+    answer = raw_post(token_agent, head, chunks + b"0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
@@ -272,37 +262,37 @@ def test_an_oversized_upload_is_refused_unread(edit_agent):
     ],
 )
 def test_a_broken_or_hostile_form_is_answered_and_runs_nothing(
-    edit_agent, body, head_extra, status
+    token_agent, body, head_extra, status
 ):
-    accepted = edit_agent.metric("edgeai_requests_total", outcome="accepted", mode="img2img")
+    accepted = token_agent.metric("edgeai_requests_total", outcome="accepted", mode="img2img")
     head = form_head("/v1/images/edits", len(body), **head_extra)
-    answer = raw_post(edit_agent, head, body)
+    answer = raw_post(token_agent, head, body)
     assert answer.startswith(f"HTTP/1.1 {status}".encode()), answer[:300]
     error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["message"]
     assert (
-        edit_agent.metric("edgeai_requests_total", outcome="accepted", mode="img2img") == accepted
+        token_agent.metric("edgeai_requests_total", outcome="accepted", mode="img2img") == accepted
     )
 
 
-def test_a_form_is_taken_only_where_a_picture_is_expected(edit_agent):
+def test_a_form_is_taken_only_where_a_picture_is_expected(token_agent):
     body = form_body({"prompt": b"x", "image": picture(32, 32)})  # within every route's bound
     for path in ("/v1/images/generations", "/sdapi/v1/img2img", "/api/jobs"):
-        answer = raw_post(edit_agent, form_head(path, len(body)), body)
+        answer = raw_post(token_agent, form_head(path, len(body)), body)
         assert answer.startswith(b"HTTP/1.1 415"), (path, answer[:200])
 
 
-def test_the_same_picture_gives_the_same_bytes_through_every_api(edit_agent, client):
+def test_the_same_picture_gives_the_same_bytes_through_every_api(token_agent, client):
     """MQTT, the page, OpenAI's edits and AUTOMATIC1111's img2img run the one path."""
     photo = picture(384, 384, seed=6)
     fields = {"prompt": "a watercolour", "seed": 5, "strength": 0.5, "steps": 2}
-    openai_answer = openai_client(edit_agent).images.edit(
+    openai_answer = openai_client(token_agent).images.edit(
         image=("p.png", photo, "image/png"),
         prompt=fields["prompt"],
         extra_body={"seed": 5, "strength": 0.5, "steps": 2},
     )
     a1111 = call(
-        edit_agent,
+        token_agent,
         "POST",
         "/sdapi/v1/img2img",
         {
@@ -316,7 +306,7 @@ def test_the_same_picture_gives_the_same_bytes_through_every_api(edit_agent, cli
     )[1]
     from tests.conftest import generate  # noqa: PLC0415
 
-    mqtt = generate(client, edit_agent, init_image=b64(photo), **fields)
+    mqtt = generate(client, token_agent, init_image=b64(photo), **fields)
     digests = {
         hashlib.sha256(base64.b64decode(data)).hexdigest()
         for data in (openai_answer.data[0].b64_json, a1111["images"][0], mqtt["image"]["b64"])

@@ -23,13 +23,13 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def runtime_imports(path: Path, known: set[str]) -> set[str]:
-    """Return the agent modules ``path`` imports when it is imported (not under TYPE_CHECKING,
-    not inside functions)."""
+def runtime_imports(path: Path, known: set[str], *, for_types: bool = False) -> set[str]:
+    """Return the agent modules ``path`` imports when it is imported (not inside functions; under
+    TYPE_CHECKING only when ``for_types``)."""
     tree = ast.parse(path.read_text())
     imported = set()
     for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) and not for_types:
             continue
         for child in [node] if not isinstance(node, ast.If) else node.body:
             if isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
@@ -60,6 +60,21 @@ def test_no_import_circle():
 
     for name in graph:
         visit(name, [])
+
+
+def test_no_two_modules_import_each_other_even_for_types():
+    found = modules()
+    graph = {
+        name: runtime_imports(path, set(found), for_types=True) - {name}
+        for name, path in found.items()
+    }
+    pairs = {
+        tuple(sorted((name, other)))
+        for name, imported in graph.items()
+        for other in imported
+        if name in graph.get(other, set()) and not other.startswith(f"{name}.")
+    }
+    assert not pairs, f"modules importing each other: {sorted(pairs)}"
 
 
 def test_the_daemon_never_imports_torch():

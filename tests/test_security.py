@@ -134,14 +134,41 @@ def test_each_agent_reads_only_its_own_requests_and_writes_only_its_own_outputs(
     assert "edgeai/pi-b/result/x from pi-b as pi-b" in received
     assert "edgeai/pi-b/image image as pi-b" in received
     assert "as pi-a" not in received
-    # Both share the fleet: pi-b reads fleet requests and writes fleet results.
+    # Both share the fleet: pi-b reads fleet requests and writes fleet results under its own
+    # name, never as pi-a, nor at the old nameless topic.
     fleet = mosquitto_sub(broker, "pi-b", "$share/workers/edgeai/fleet/generate")
-    results = mosquitto_sub(broker, "edgeai-client", "edgeai/fleet/result/+")
+    results = mosquitto_sub(broker, "edgeai-client", "edgeai/fleet/result/#")
     time.sleep(0.5)
     mosquitto_pub(broker, "-t", "edgeai/fleet/generate", "-m", "a fleet job")
-    mosquitto_pub(broker, "-t", "edgeai/fleet/result/f1", "-m", "done", user="pi-b")
+    for topic in ("pi-b/f1", "pi-a/f1", "f1"):
+        mosquitto_pub(
+            broker, "-t", f"edgeai/fleet/result/{topic}", "-m", f"done at {topic}", user="pi-b"
+        )
     assert "edgeai/fleet/generate a fleet job" in seen(fleet)
-    assert "edgeai/fleet/result/f1 done" in seen(results)
+    received = seen(results)
+    assert "edgeai/fleet/result/pi-b/f1 done at pi-b/f1" in received
+    assert "pi-a/f1" not in received
+    assert "done at f1" not in received
+
+
+def test_a_node_writes_only_its_own_home_assistant_discovery(broker):
+    """A compromised pi-b cannot add a lock to Home Assistant, nor restyle pi-a's entities."""
+    broker.add_node("pi-a")
+    broker.add_node("pi-b")
+    watcher = mosquitto_sub(broker, "edgeai-client", "homeassistant/#")
+    time.sleep(0.5)
+    for topic in (
+        "homeassistant/sensor/pi-b/state/config",
+        "homeassistant/sensor/pi-a/state/config",
+        "homeassistant/lock/front_door/config",
+        "homeassistant/lock/pi-b/config",
+    ):
+        mosquitto_pub(broker, "-t", topic, "-m", f"by pi-b at {topic}", user="pi-b")
+    received = seen(watcher)
+    assert "homeassistant/sensor/pi-b/state/config by pi-b" in received
+    assert "pi-a" not in received
+    assert "front_door" not in received
+    assert "lock/pi-b/config" not in received
 
 
 def openssl(*args: str, cwd) -> None:

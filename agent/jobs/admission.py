@@ -3,10 +3,11 @@
 Every entry point (MQTT generate, regenerate and fleet, the web page, the HTTP APIs) hands its
 request here. :meth:`Admission.offer` does at once what needs no waiting: it parses, refuses
 what is out of bounds, and takes a place in the queue, so the next request already sees it.
-Then one task journals each admitted request, in arrival order, and only then queues it and
-settles it: an MQTT request is acknowledged to the broker there, an HTTP request answered. The
-queue depth is one number, counted here: requests admitted but not yet journaled, plus jobs
-waiting in the runner.
+Then one task journals each admitted request, in arrival order (an image-to-image request once
+its picture is fetched and stored: a slow picture delays only its own job), and only then
+queues it and settles it: an MQTT request is acknowledged to the broker there, an HTTP request
+answered. The queue depth is one number, counted here: requests admitted but not yet
+journaled, plus jobs waiting in the runner.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Ticket:
     """A cancel came before the request was journaled: the job is cancelled once it is."""
     prepared: asyncio.Task[JobSpec] | None = None
     """An image-to-image request's picture being fetched, checked and stored (begun at once;
-    the request is journaled in its turn once it is done)."""
+    the request joins the journal's line once it is done)."""
 
 
 class Admission:
@@ -144,12 +145,16 @@ class Admission:
             settled.set_exception(exc)
             return settled
         ticket = Ticket(spec, fingerprint, expires_at, api, settled)
-        if spec.init_source is not None:
+        self._pending.append(ticket)
+        if spec.init_source is None:
+            self._intake.put_nowait(ticket)
+        else:
+            # Fetched and decoded beside the line, not in it: a picture that trickles in from a
+            # slow camera must not hold up the requests behind it.
             ticket.prepared = asyncio.create_task(
                 self._init_images.prepare(spec), name=f"init-image-{spec.id}"
             )
-        self._pending.append(ticket)
-        self._intake.put_nowait(ticket)
+            ticket.prepared.add_done_callback(lambda _task: self._intake.put_nowait(ticket))
         self._changed()
         return settled
 
@@ -181,7 +186,7 @@ class Admission:
             admitted: Admitted | None = None
             try:
                 if ticket.prepared is not None:
-                    ticket.spec = await ticket.prepared
+                    ticket.spec = self._prepared_spec(ticket.prepared)
                 admitted = await self._accept(ticket)
                 if ticket.cancel_requested:
                     await self._runner.cancel(admitted.spec.id)
@@ -202,6 +207,16 @@ class Admission:
                     # Stored for a request that never became a job of its own.
                     await self._init_images.discard(ticket.spec)
                 self._changed()
+
+    def _prepared_spec(self, prepared: asyncio.Task[JobSpec]) -> JobSpec:
+        """Return the job of a request whose picture is stored (its task is done).
+
+        Raises:
+            RequestError: The picture's own error, or shutting down where its task was cancelled.
+        """
+        if prepared.cancelled():
+            raise RequestError(ErrorCode.SHUTTING_DOWN, "the agent is shutting down")
+        return prepared.result()
 
     async def _accept(self, ticket: Ticket) -> Admitted:
         spec = ticket.spec

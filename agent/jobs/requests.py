@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.images import file_name
 from agent.jobs.errors import ErrorCode, RequestError, field_error
-from agent.jobs.init_images import InitSource, parse_init_image
+from agent.jobs.init_sources import InitSource, parse_init_image
 from agent.model.protocol import GenerateJob, denoising_steps
 from agent.mqtt.topics import is_encodable, reply_topic_problem
 from agent.settings import ImageFormat, OutputMode

@@ -198,3 +198,25 @@ def return_free_memory() -> None:
     except (OSError, AttributeError):
         return
     trim(0)
+
+
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter number for the size from which allocations are mapped."""
+LARGE_ALLOCATION_BYTES = 1 << 20
+
+
+def return_large_allocations() -> None:
+    """Have every allocation of 1 MiB or more mapped on its own, so freeing it returns it.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, and a
+    block under the threshold comes from an arena, where a freed picture's 64 MiB stayed
+    resident in the daemon after the picture was long gone (``malloc_trim`` did not get it back
+    from a worker thread's arena). A fixed threshold keeps the daemon's picture buffers mapped:
+    the daemon allocates few large blocks, so the cost is nil. Where the C library has no
+    ``mallopt`` (musl), nothing happens.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES)

@@ -1,7 +1,9 @@
 """The fleet: jobs shared by every agent of a group through an MQTT 5 shared subscription.
 
-A fleet request is admitted like any other; its result also goes to the fleet's result topic, so
-a fleet client need not know which agent ran it. The broker hands shared-subscription messages
+A fleet request is admitted like any other; its result also goes to the fleet's result topic
+(``edgeai/fleet/result/<node_id>/<job_id>``), so a fleet client subscribes to
+``edgeai/fleet/result/+/<job_id>`` without knowing which agent will run it, and learns which did
+from a topic level only that agent may write. The broker hands shared-subscription messages
 round robin, busy or not (mosquitto does). An agent that is free takes the job. An agent that is
 busy holds it, unacknowledged, in memory: the fleet connection's Receive Maximum of 1 makes the
 broker keep the rest of this agent's share queued, in order, in its session. The held job is
@@ -104,8 +106,12 @@ class Fleet:
         self.link = link
 
     def result_topic(self, job_id: str) -> str:
-        """Return where a fleet job's result is published besides the agent's own topic."""
-        return f"{self._settings.fleet_results}/result/{job_id}"
+        """Return where a fleet job's result is published besides the agent's own topic.
+
+        ``<fleet>/result/<node_id>/<job_id>``: the node in the topic is the one that ran it, and
+        the broker's ACL lets only that node write there, so no other node can answer as it.
+        """
+        return f"{self._settings.fleet_results}/result/{self._settings.node_id}/{job_id}"
 
     # --- fleet jobs
     def on_message(self, message: Inbound) -> None:

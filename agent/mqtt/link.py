@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OFFLINE_PUBLISH_TIMEOUT_S = 5.0
+PACKET_OVERHEAD = 64 * 1024
+"""Bytes a request's packet may carry beyond its payload bound: its topic and properties."""
 
 
 class MqttError(Exception):
@@ -162,6 +164,9 @@ class MqttLink:
         properties.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
         # Never more unacknowledged requests in flight than the agent will take.
         properties.ReceiveMaximum = self._receive_maximum
+        # The broker drops anything larger before it reaches the agent: a 200 MB publish would
+        # otherwise be read whole into the daemon's memory only to be refused.
+        properties.MaximumPacketSize = self._settings.max_image_payload_bytes + PACKET_OVERHEAD
         self._client.connect_async(
             self._settings.mqtt_host,
             self._settings.mqtt_port,

@@ -55,7 +55,7 @@ class NetworkSettings(BaseModel):
     fleet_topic: str = Field(
         default="edgeai/fleet/generate",
         description="Where fleet requests are published; their results go to "
-        "<fleet_topic without /generate>/result/<id>.",
+        "<fleet_topic without /generate>/result/<node_id>/<id>.",
     )
 
     # --- broker

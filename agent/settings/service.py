@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, IPvAnyAddress, SecretStr
 
+HOST_AND_PORT = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?$"
+"""A host name or address, with a port or without: ``nvr.local``, ``10.0.0.5:8123``,
+``[::1]:80``."""
 OutputMode = Literal["b64", "url", "both"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -47,10 +50,11 @@ class ServiceSettings(BaseModel):
         description="Most pixels an init image may have before it is resized (a 4K camera "
         "frame is 8.3 million); a larger one, or a decompression bomb, is refused as bad_image.",
     )
-    init_image_hosts: list[str] = Field(
+    init_image_hosts: list[Annotated[str, Field(pattern=HOST_AND_PORT)]] = Field(
         default_factory=list,
-        description="Host names an init_image URL may be fetched from (none by default: URLs "
-        'are refused), e.g. ["nvr.local"].',
+        description="Hosts an init_image URL may be fetched from (none by default: URLs are "
+        "refused), each as host (ports 80 and 443) or host:port, e.g. "
+        '["nvr.local", "192.168.1.20:8123"].',
     )
     init_image_fetch_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="Longest wait for an init_image URL's file."
@@ -90,6 +94,34 @@ class ServiceSettings(BaseModel):
         description="An HTTP connection that sends no complete request within this (after it "
         "opens, or after its last answer) is closed; a request body still arriving after it is "
         "refused (408).",
+    )
+    http_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="With http_auth off: names besides the machine's own (its host name, "
+        "<hostname>.local, the node id, public_url's host, localhost) and IP addresses that "
+        'requests may address the agent by, e.g. ["pi5.lan"]; ["*"] allows any (DNS '
+        "rebinding then reaches the API).",
+    )
+    http_max_connections: int = Field(
+        default=256,
+        ge=1,
+        le=65536,
+        description="Open HTTP connections at most, all clients together; one more is answered "
+        "503 and closed (lowered to half the open-files limit where that is smaller).",
+    )
+    http_max_connections_per_address: int = Field(
+        default=32,
+        ge=1,
+        le=65536,
+        description="Open HTTP connections at most from one address (Home Assistant's ingress "
+        "gateway is held to the total alone).",
+    )
+    http_max_event_streams: int = Field(
+        default=32,
+        ge=1,
+        le=65536,
+        description="Job event streams (GET /api/jobs/<id>/events) open at most; one more is "
+        "answered 503.",
     )
     http_frame_ancestors: list[str] = Field(
         default_factory=list,

@@ -19,14 +19,16 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.images import CONTENT_TYPES, FILE_NAME
+from agent.web.bodies import BadFormError, TooLargeError, read_form, read_within
+from agent.web.connections import ConnectionGate
 from agent.web.origin import cross_site_write, is_form_data, is_json
 from agent.web.routing import (
     NOT_FOUND,
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from agent.web.auth import TokenGate
+    from agent.web.connections import ConnectionLimits
+    from agent.web.origin import HostAllowlist
     from agent.web.routing import Route
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 3.0
 """On stop, answers in progress (an event stream, a long download) get this long to end."""
 LISTEN_BACKLOG = 128
+PUBLIC_HEALTH = ("status", "state", "mqtt_connected")
+"""What ``/healthz`` tells a request without the token."""
 HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -82,8 +88,12 @@ class HttpConfig:
     idle_timeout_s: float
     """A connection with no complete request head within this (since it opened, or since its
     last answer) is closed; a body still arriving after this is refused (408)."""
+    limits: ConnectionLimits
+    """How many connections and event streams at once (:mod:`agent.web.connections`)."""
     frame_ancestors: tuple[str, ...] = ()
     """Origins besides the page's own that may frame it."""
+    hosts: HostAllowlist | None = None
+    """The names requests must address the agent by; None: any (the token guards the API)."""
 
 
 class AgentHttpServer:
@@ -112,6 +122,8 @@ class AgentHttpServer:
         self._health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (False, {})
         self._gate: TokenGate | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.connections = ConnectionGate(config.limits, on_refusal)
         ancestors = " ".join(("'self'", *config.frame_ancestors))
         self._page_policy = PAGE_POLICY.format(ancestors=ancestors)
         self.routes = Routes()
@@ -136,7 +148,7 @@ class AgentHttpServer:
         """
         self._health = health
         self._gate = gate
-        # Bodies are read by _read_within, each within its route's own bound.
+        # Bodies are read by read_within, each within its route's own bound.
         app = web.Application()
         app.router.add_route("*", "/{path:.*}", self._handle)
         self._runner = web.AppRunner(
@@ -148,10 +160,20 @@ class AgentHttpServer:
             shutdown_timeout=SHUTDOWN_GRACE_S,
         )
         await self._runner.setup()
-        await web.SockSite(self._runner, self._socket, shutdown_timeout=SHUTDOWN_GRACE_S).start()
+        server = self._runner.server
+        if server is None:  # setup() makes it; never None here
+            raise RuntimeError("the HTTP server was not set up")
+        # Every accepted connection is counted before aiohttp serves it (over a cap: 503).
+        self._listener = await asyncio.get_running_loop().create_server(
+            self.connections.protocol_factory(cast("Callable[[], asyncio.Protocol]", server)),
+            sock=self._socket,
+            backlog=LISTEN_BACKLOG,
+        )
 
     async def stop(self) -> None:
         """Stop taking connections, give answers in progress a moment, close the socket."""
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
         self._socket.close()
@@ -166,7 +188,9 @@ class AgentHttpServer:
         route, params = found
         headers = {name.lower(): value for name, value in raw.headers.items()}
         query = parse_qs(split.query)
-        refusal = self._refusal(raw, route, headers, query, params)
+        refusal = self._misdirected(raw, route, headers.get("host")) or self._refusal(
+            raw, route, headers, query, params
+        )
         if refusal is not None:
             return self._send(refusal, close=raw.body_exists)
         read = await self._read_body(raw, route, headers) if route.method == "POST" else None
@@ -182,7 +206,14 @@ class AgentHttpServer:
             log.exception("unexpected error while serving %s %s", raw.method, split.path)
             answer = route.shape.error(500, "internal_error", f"internal error: {exc}")
         if isinstance(answer, Stream):
-            return await self._stream(raw, answer)
+            if not self.connections.open_stream(raw.remote or ""):
+                await answer.chunks.aclose()
+                message = "too many event streams are open; try again later"
+                return self._send(route.shape.error(503, "too_many_streams", message))
+            try:
+                return await self._stream(raw, answer)
+            finally:
+                self.connections.close_stream()
         # A GET's body is never read: close rather than drain it.
         return self._send(answer, close=raw.body_exists and read is None)
 
@@ -200,17 +231,30 @@ class AgentHttpServer:
         try:
             async with asyncio.timeout(self._config.idle_timeout_s):
                 if is_form_data(headers.get("content-type", "")):
-                    return b"", await _read_form(raw, self._limit(route))
-                return await _read_within(raw, self._limit(route)), None
-        except _BadFormError as exc:
+                    return b"", await read_form(raw, self._limit(route))
+                return await read_within(raw, self._limit(route)), None
+        except BadFormError as exc:
             self._on_refusal("malformed")
             return route.shape.error(400, "invalid_request", str(exc))
-        except _TooLargeError:
+        except TooLargeError:
             return self._too_large(route)
         except TimeoutError:
             self._on_refusal("body_timeout")
             message = f"the body did not arrive within {self._config.idle_timeout_s:g} s"
             return route.shape.error(408, "timeout", message)
+
+    def _misdirected(self, raw: web.Request, route: Route, host: str | None) -> Response | None:
+        """Return the answer to a request that names another host (DNS rebinding), or None."""
+        hosts = self._config.hosts
+        trusted = raw.remote is not None and raw.remote == self._config.limits.trusted_peer
+        if hosts is None or trusted or hosts.allows(host):
+            return None
+        self._on_refusal("unknown_host")
+        message = (
+            "this agent is not known by that name; add it to EDGEAI_HTTP_ALLOWED_HOSTS "
+            "(authentication is off, so requests must name the agent)"
+        )
+        return route.shape.error(421, "unknown_host", message)
 
     def _refusal(
         self,
@@ -291,9 +335,19 @@ class AgentHttpServer:
         text = await asyncio.to_thread(generate_latest, self._registry)
         return Response(200, CONTENT_TYPE_LATEST, text)
 
-    async def healthz(self, _request: Request) -> Response:
-        """``/healthz``: 200 when healthy, else 503."""
+    async def healthz(self, request: Request) -> Response:
+        """``/healthz``: 200 when healthy, else 503.
+
+        Anyone (a watchdog, a load balancer) reads whether and why in a word; the details (the
+        worker's pid, an error naming the model's folder, a disk's free space) go to token
+        holders only.
+        """
         healthy, details = self._health()
+        gate = self._gate
+        if gate is None or not gate.allows(
+            Access.TOKEN, request.headers, request.query, request.params, request.remote
+        ):
+            details = {key: value for key, value in details.items() if key in PUBLIC_HEALTH}
         return Response(200 if healthy else 503, "application/json", json.dumps(details).encode())
 
     async def image(self, request: Request) -> Response:
@@ -316,62 +370,6 @@ class AgentHttpServer:
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
                 return None
             return file.read()
-
-
-class _TooLargeError(Exception):
-    """A body grew past its route's bound while it was read."""
-
-
-class _BadFormError(Exception):
-    """A multipart body that cannot be read as a form."""
-
-
-FORM_FIELDS = 64
-"""Fields a form may have at most: each costs a little, and no client sends more."""
-
-
-async def _read_form(raw: web.Request, limit: int) -> dict[str, list[bytes]]:
-    """Read a ``multipart/form-data`` body within ``limit`` bytes, field by field.
-
-    Raises:
-        _TooLargeError: The fields together pass ``limit``.
-        _BadFormError: It is not a form: no boundary, a part that is not a field, too many.
-    """
-    fields: dict[str, list[bytes]] = {}
-    total = count = 0
-    try:
-        reader = await raw.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or not part.name:
-                raise _BadFormError("every part of a form must be a named field")
-            count += 1
-            if count > FORM_FIELDS:
-                raise _BadFormError(f"a form has {FORM_FIELDS} fields at most")
-            data = bytearray()
-            while chunk := await part.read_chunk():
-                data += chunk
-                total += len(chunk)
-                if total > limit:
-                    raise _TooLargeError
-            fields.setdefault(part.name, []).append(bytes(data))
-    except (AssertionError, ValueError, RuntimeError) as exc:
-        # aiohttp's reader asserts on a missing boundary and raises on malformed parts.
-        raise _BadFormError(f"the form cannot be read: {exc or type(exc).__name__}") from exc
-    return fields
-
-
-async def _read_within(raw: web.Request, limit: int) -> bytes:
-    """Read a request's body, stopping as soon as it passes ``limit`` (chunked ones too).
-
-    Raises:
-        _TooLargeError: The body is over ``limit`` bytes.
-    """
-    body = bytearray()
-    while chunk := await raw.content.readany():
-        body += chunk
-        if len(body) > limit:
-            raise _TooLargeError
-    return bytes(body)
 
 
 class MalformedRequestLog(logging.LoggerAdapter[logging.Logger]):
