@@ -6,6 +6,7 @@ import base64
 import io
 import struct
 import zlib
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -59,3 +60,20 @@ def zip_bomb_png(side: int = 6000) -> bytes:
     data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
 
     return png_chunks(side, side, data)
+
+
+@cache
+def deep_png(side: int = 4096) -> bytes:
+    """The worst picture accepted: ``side`` x ``side``, 16 bits per channel, RGBA, stripes
+    (small as a file, 64 MiB once decoded)."""
+    stripes = b"".join((x * 4096).to_bytes(2, "big") * 3 + b"\xff\xff" for x in range(16))
+    row = b"\0" + stripes * (side // 16)
+    compressor = zlib.compressobj(9)
+    compressed = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    png = png_chunks(side, side, compressed)
+    # png_chunks writes 8-bit RGB: make its header 16-bit RGBA (bit depth 16, colour type 6).
+    header_at = png.index(b"IHDR") + 4
+    header = png[header_at : header_at + 13]
+    new_header = header[:8] + bytes([16, 6]) + header[10:]
+    crc = zlib.crc32(b"IHDR" + new_header).to_bytes(4, "big")
+    return png[:header_at] + new_header + crc + png[header_at + 17 :]

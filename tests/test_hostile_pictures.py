@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import warnings
-import zlib
 from functools import cache
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from agent.jobs.errors import ErrorCode, RequestError
 from agent.jobs.init_images import MAX_ASPECT, MAX_SIDE, normalize
 from agent.settings import Settings
 from tests.conftest import generate
-from tests.pictures import b64, png_chunks, png_header_only
+from tests.pictures import b64, deep_png, png_header_only
 
 SETTINGS = Settings()
 MIB = 2**20
@@ -98,23 +97,6 @@ def test_a_shape_no_camera_makes_is_refused_before_it_is_decoded(size, reason):
     with pytest.raises(RequestError, match=reason) as refused:
         normalize(png_header_only(*size), 0, 0, SETTINGS)
     assert refused.value.code is ErrorCode.BAD_IMAGE
-
-
-@cache
-def deep_png(side: int = 4096) -> bytes:
-    """The worst picture accepted: ``side`` x ``side``, 16 bits per channel, RGBA, stripes
-    (small as a file, 64 MiB once decoded)."""
-    stripes = b"".join((x * 4096).to_bytes(2, "big") * 3 + b"\xff\xff" for x in range(16))
-    row = b"\0" + stripes * (side // 16)
-    compressor = zlib.compressobj(9)
-    compressed = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    png = png_chunks(side, side, compressed)
-    # png_chunks writes 8-bit RGB: make its header 16-bit RGBA (bit depth 16, colour type 6).
-    header_at = png.index(b"IHDR") + 4
-    header = png[header_at : header_at + 13]
-    new_header = header[:8] + bytes([16, 6]) + header[10:]
-    crc = zlib.crc32(b"IHDR" + new_header).to_bytes(4, "big")
-    return png[:header_at] + new_header + crc + png[header_at + 17 :]
 
 
 def test_the_worst_picture_accepted_is_decoded_within_bounded_memory(shared_agent, client):
