@@ -145,10 +145,11 @@ def test_a_result_over_the_setting_carries_the_url(broker, make_agent):
     client.close()
 
 
-def start_hot(broker, make_agent, *topics: str):
-    """Start an agent on an 85 °C SoC; return it, its temperature file and a client that is
-    subscribed to its state and to ``topics`` (under its base) and has seen it idle."""
-    agent = make_agent(broker, start=False, EDGEAI_THERMAL_POLL_S="0.2")
+def start_hot(broker, make_agent, *topics: str, **env: str):
+    """Start an agent on an 85 °C SoC (settings ``env`` besides); return it, its temperature
+    file and a client that is subscribed to its state and to ``topics`` (under its base) and has
+    seen it idle. Jobs wait in its queue until the file says it has cooled."""
+    agent = make_agent(broker, start=False, EDGEAI_THERMAL_POLL_S="0.2", **env)
     zone = agent.state_dir / "thermal" / "thermal_zone0"
     zone.mkdir(parents=True)
     temperature = zone / "temp"
