@@ -8,6 +8,7 @@ stays readable, nothing is created that should not be.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import socket
@@ -26,7 +27,7 @@ from tests.conftest import API_TOKEN as TOKEN
 from tests.conftest import ROOT, generate, running_agent, start_broker
 from tests.pictures import picture
 from tests.test_durability import start_hot
-from tests.test_http_attacks import exchange, get_from, statuses, still_serving
+from tests.test_http_attacks import exchange, get_from, read_all, statuses, still_serving
 from tests.test_image_edits import form_head, raw_post
 from tests.threaded_server import ThreadedServer
 
@@ -155,7 +156,8 @@ def test_event_streams_are_capped(broker, make_agent):
 @pytest.fixture(scope="module")
 def open_agent(module_broker, tiny_model, tmp_path_factory):
     """Authentication off, as some users run it on a LAN they trust."""
-    env = {"EDGEAI_HTTP_ALLOWED_HOSTS": '["pi5.lan"]'}
+    # 127.0.0.2 stands in for Home Assistant's ingress gateway (172.30.32.2 in an app).
+    env = {"EDGEAI_HTTP_ALLOWED_HOSTS": '["pi5.lan"]', "EDGEAI_INGRESS_PEER": "127.0.0.2"}
     with running_agent(module_broker, tiny_model, tmp_path_factory.mktemp("open"), env) as agent:
         yield agent
 
@@ -186,6 +188,17 @@ def test_with_authentication_off_a_rebound_name_is_refused(open_agent, host, exp
     if expected == 421:
         assert b"unknown_host" in answer
         assert open_agent.metric("edgeai_http_refusals_total", reason="unknown_host") >= 2
+
+
+def test_the_ingress_gateway_may_use_any_name(open_agent):
+    """Home Assistant's ingress proxy forwards the browser's own Host (Home Assistant's)."""
+    request = b"GET /api/images HTTP/1.1\r\nHost: homeassistant.example:8123\r\n\r\n"
+    with socket.create_connection(
+        ("127.0.0.1", open_agent.http_port), timeout=10, source_address=("127.0.0.2", 0)
+    ) as sock:
+        sock.sendall(request)
+        assert statuses(read_all(sock, 1.0))[:1] == [200]
+    assert statuses(exchange(open_agent, request))[:1] == [421]  # the same, from elsewhere
 
 
 # --- 4 and 5. MQTT packets and the broker's bounds
@@ -277,8 +290,6 @@ class TrickleServer:
         self.snapshot = picture(256, 256, fmt="JPEG")
 
     async def trickle(self, request: web.Request) -> web.StreamResponse:
-        import asyncio  # noqa: PLC0415
-
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         await response.prepare(request)
         for start in range(0, len(self.snapshot), len(self.snapshot) // 8):

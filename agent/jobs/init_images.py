@@ -28,7 +28,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from agent.jobs.errors import ErrorCode, RequestError
 from agent.jobs.init_sources import InitSource
 from agent.machine.disk import StorageWatch, is_full, write_atomically
-from agent.machine.memory import return_free_memory
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -151,10 +150,6 @@ def normalize(data: bytes, width: int, height: int, settings: Settings) -> Norma
         # Pillow's parsers raise any kind on hostile bytes: "image file is truncated", "broken
         # data stream", a TypeError from a malformed tag.
         raise _bad(f"init_image cannot be read: {exc}") from exc
-    finally:
-        # The decoded picture (up to 64 MiB) is freed by now: give it back to the system rather
-        # than keep it in the daemon until the next picture.
-        return_free_memory()
 
 
 def _fitted(picture: Image.Image, width: int, height: int, settings: Settings) -> Normalized:

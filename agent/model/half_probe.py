@@ -70,8 +70,6 @@ class ProbeResult:
     """The matrix multiply's and the convolution's timings in float32."""
     float16: tuple[OperatorTiming, OperatorTiming] | None
     """The same in float16; None where a kernel is missing."""
-    seconds: float
-    """How long the probe took."""
 
 
 def _fastest_run(
@@ -257,12 +255,11 @@ def probe_half_compute(
             deadline=begun + budget,
         )
     except RuntimeError:  # no float16 kernel for one of the operators on this CPU
-        return ProbeResult(0.0, (full[0], full[1]), None, time.perf_counter() - begun)
+        return ProbeResult(0.0, (full[0], full[1]), None)
     return ProbeResult(
         speedup=_seconds_per_gflop(full) / _seconds_per_gflop(half),
         float32=(full[0], full[1]),
         float16=(half[0], half[1]),
-        seconds=time.perf_counter() - begun,
     )
 
 

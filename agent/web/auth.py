@@ -180,7 +180,7 @@ class TokenGate:
 
         ``peer`` is the address of the connection it came on.
         """
-        if self._token is None or access is Access.OPEN or self._from_ingress(peer):
+        if self._token is None or access is Access.OPEN or self.from_ingress(peer):
             return True
         if access in (Access.IMAGE, Access.GALLERY) and self._public_images:
             return True
@@ -191,7 +191,8 @@ class TokenGate:
         offered = (offered_token(headers) or "").encode("utf-8", "surrogateescape")
         return hmac.compare_digest(offered, self._token.encode())
 
-    def _from_ingress(self, peer: str | None) -> bool:
+    def from_ingress(self, peer: str | None) -> bool:
+        """Return whether ``peer`` (a connection's address) is Home Assistant's ingress gateway."""
         if self._ingress_peer is None or peer is None:
             return False
         try:

@@ -24,7 +24,7 @@ class BadFormError(Exception):
 FORM_FIELDS = 64
 """Fields a form may have at most: each costs a little, and no client sends more."""
 FORM_READ_CHUNK = 2**16
-"""Bytes a form's reader takes from the body at a time."""
+"""The least high-water mark of a form's reader (bytes it holds before it would pause)."""
 
 
 async def read_form(raw: web.Request, limit: int) -> dict[str, list[bytes]]:
@@ -41,8 +41,8 @@ async def read_form(raw: web.Request, limit: int) -> dict[str, list[bytes]]:
     body = await read_within(raw, limit)
     # A reader holding the whole body at once: its high-water mark above the body's size, or
     # feeding it would ask a protocol that is not there to pause.
-    limit = max(FORM_READ_CHUNK, len(body))
-    content = StreamReader(BaseProtocol(asyncio.get_running_loop()), limit)
+    high_water = max(FORM_READ_CHUNK, len(body))
+    content = StreamReader(BaseProtocol(asyncio.get_running_loop()), high_water)
     content.feed_data(body)
     content.feed_eof()
     fields: dict[str, list[bytes]] = {}

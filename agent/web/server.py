@@ -246,8 +246,8 @@ class AgentHttpServer:
     def _misdirected(self, raw: web.Request, route: Route, host: str | None) -> Response | None:
         """Return the answer to a request that names another host (DNS rebinding), or None."""
         hosts = self._config.hosts
-        trusted = raw.remote is not None and raw.remote == self._config.limits.trusted_peer
-        if hosts is None or trusted or hosts.allows(host):
+        from_ingress = self._gate is not None and self._gate.from_ingress(raw.remote)
+        if hosts is None or from_ingress or hosts.allows(host):
             return None
         self._on_refusal("unknown_host")
         message = (
