@@ -1,8 +1,8 @@
 # edgeai-agent's images; the build context is this repository.
-#   The Home Assistant app (config.yaml, build.yaml): the last stage, "app", which the Supervisor
-#   builds with BUILD_FROM set to Home Assistant's Debian base. It runs as root: the Supervisor
-#   owns the app's /data. The agent reads /data/options.json and asks the Supervisor for the
-#   broker itself (agent/home_assistant_app.py).
+#   The Home Assistant app (config.yaml): the last stage, "app", which the Supervisor builds from
+#   BUILD_FROM's default below (it passes BUILD_ARCH and BUILD_VERSION, which nothing here needs).
+#   It runs as root: the Supervisor owns the app's /data. The agent reads /data/options.json,
+#   asks the Supervisor for the broker and announces itself to it (agent/home_assistant_app.py).
 #   A plain container (docker/podman, deploy/compose.yaml): the stage "container",
 #     podman build --target container -t edgeai-agent .      (or docker build)
 #   the unprivileged user edgeai (uid 1000), all state in the volume /data, a HEALTHCHECK.

@@ -11,16 +11,17 @@ import contextlib
 import functools
 import logging
 import signal
-import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from agent.home_assistant_app import announce_agent
 from agent.images import ImageStore
 from agent.jobs.admission import REQUEST_OUTCOMES, Admission
 from agent.jobs.init_images import InitImages
 from agent.jobs.journal import Journal
+from agent.jobs.journal_backup import keep_backup_copy, start_from_backup
 from agent.jobs.outbox import Outbox
 from agent.jobs.runner import Runner
 from agent.jobs.service import JobService
@@ -49,10 +50,10 @@ from agent.web.server import AgentHttpServer, HttpConfig
 
 if TYPE_CHECKING:
     from agent.settings import Settings
+    from agent.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-JOURNAL_PRUNE_INTERVAL_S = 3600.0
 EXIT_PART_FAILED = 1
 """Exit status when a part of the agent ended on its own (systemd restarts on non-zero)."""
 EXIT_SETTINGS = 2
@@ -80,14 +81,22 @@ class Parts:
 class Agent:
     """The daemon: one asyncio loop owning MQTT, the journal, the queue and the worker."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         """Create the agent; :meth:`run` builds and starts it.
 
         Args:
             settings: The settings.
             registry: Metrics registry; a fresh one when None.
+            supervisor: Home Assistant's Supervisor, when running as its app: told the agent's
+                address and token at start (discovery).
         """
         self.settings = settings
+        self.supervisor = supervisor
         self.metrics = AgentMetrics(
             registry or CollectorRegistry(), settings.thermal_glob, settings.vcgencmd
         )
@@ -109,6 +118,7 @@ class Agent:
         settings, metrics, changed = self.settings, self.metrics, self._changed_somewhere
         self.token = agent_token(settings)  # first: a bad token stops the start before anything
         topics = Topics(settings.base_topic)
+        start_from_backup(settings.journal_path)
         journal = Journal(settings.journal_path)
         store = ImageStore(
             settings.images_path,
@@ -217,16 +227,7 @@ class Agent:
                 metrics=metrics,
                 background=self._background,
             )
-            fleet_link = MqttLink(
-                settings,
-                topics,
-                on_connection=lambda _connected: None,
-                client_id=f"{settings.client_id}-fleet",
-                receive_maximum=1,  # one fleet job in flight to this agent at a time
-                announces=False,
-            )
-            fleet_link.subscribe([fleet.subscription], fleet.on_message)
-            fleet.attach(fleet_link)
+            fleet.open_link(topics)
             routes.watch(fleet.peer_topics, fleet.on_peer)
             self._on_change.append(fleet.reconsider)
         link.subscribe(routes.table, routes.on_message, with_retained=routes.watched)
@@ -293,6 +294,11 @@ class Agent:
             api.register(parts.http.routes)
         await parts.http.start(parts.status.health, self.gate)
         log.info("HTTP server on %s:%d", settings.http_host, parts.http.port)
+        if self.supervisor is not None:
+            self._background.spawn(
+                announce_agent(self.supervisor, settings, self.token, parts.http.port),
+                name="supervisor-discovery",
+            )
         parts.admission.last_spec = await parts.journal.latest()
         parts.link.start()
         if parts.fleet is not None and parts.fleet.link is not None:
@@ -303,7 +309,12 @@ class Agent:
             asyncio.create_task(parts.admission.run(), name="admission"),
             asyncio.create_task(parts.runner.run(), name="runner"),
             asyncio.create_task(parts.status.keep(), name="state"),
-            asyncio.create_task(self._prune_journal(parts.journal), name="journal-prune"),
+            asyncio.create_task(
+                parts.journal.keep_pruned(
+                    self.settings.journal_keep_s, self.settings.journal_keep_rows
+                ),
+                name="journal-prune",
+            ),
         ]
         for task in tasks:
             task.add_done_callback(self._part_ended)
@@ -354,6 +365,7 @@ class Agent:
         await parts.link.stop()
         await parts.http.stop()
         parts.journal.close()
+        await asyncio.to_thread(keep_backup_copy, parts.journal.path)
 
     async def _redeliver(self, parts: Parts) -> None:
         """Once connected, publish the stored replies the broker never acknowledged."""
@@ -361,20 +373,6 @@ class Agent:
         for entry in await parts.journal.undelivered():
             log.info("publishing the stored reply of %s again", entry.spec.id)
             await parts.runner.redeliver(entry)
-
-    async def _prune_journal(self, journal: Journal) -> None:
-        while True:
-            try:
-                removed = await journal.prune(
-                    self.settings.journal_keep_s, self.settings.journal_keep_rows
-                )
-            except (OSError, sqlite3.Error) as exc:
-                # A full or failing disk: jobs report it; pruning tries again next interval.
-                log.warning("journal: pruning failed (%s); trying again later", exc)
-            else:
-                if removed:
-                    log.info("journal: removed %d delivered jobs", removed)
-            await asyncio.sleep(JOURNAL_PRUNE_INTERVAL_S)
 
     def _announce(self) -> None:
         """Publish every entity's discovery config, or empty configs to remove them."""

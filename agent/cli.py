@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and exit",
     )
     parser.add_argument(
+        "--journal-backup",
+        action="store_true",
+        help="write a consistent copy of the job journal beside it (journal-backup.sqlite3), "
+        "which backups hold instead of the live journal, and exit (the Home Assistant app's "
+        "backup_pre)",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the agent in the foreground; return the exit code."""
     arguments = build_parser().parse_args(argv)
     try:
-        as_app = prepare_app_environment(os.environ)
+        as_app = prepare_app_environment(os.environ, ask_for_broker=not arguments.journal_backup)
         settings = load_settings(arguments.config)
         settings.password()  # a missing password file should stop the start, not the connect
     except SettingsError as exc:
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.check:
         print(settings.model_dump_json(indent=2))  # noqa: T201 - requested output
         return 0
+    if arguments.journal_backup:
+        return _write_journal_backup(settings.journal_path)
     if arguments.page_url:
         from agent.web.auth import agent_token  # noqa: PLC0415 - keeps --help fast
 
@@ -73,9 +82,30 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.model_copy(update={"log_level": "DEBUG"})
     configure_logging(settings.log_level)
     if as_app is not None:
-        logging.getLogger("agent.home_assistant_app").info("%s", as_app)
+        logging.getLogger("agent.home_assistant_app").info("%s", as_app.line)
     from agent.app import Agent  # noqa: PLC0415 - keeps --help fast
 
     # The daemon's large buffers (a picture being decoded) go back to the system once freed.
     return_large_allocations()
-    return asyncio.run(Agent(settings).run())
+    supervisor = as_app.supervisor if as_app is not None else None
+    return asyncio.run(Agent(settings, supervisor=supervisor).run())
+
+
+def _write_journal_backup(journal: Path) -> int:
+    """Write the journal's copy for a backup; print what was written; 1 when it failed."""
+    import sqlite3  # noqa: PLC0415 - keeps --help fast
+
+    from agent.jobs.journal_backup import backup_path, write_journal_backup  # noqa: PLC0415
+    from agent.machine.state_folder import PRIVATE_UMASK  # noqa: PLC0415
+
+    os.umask(PRIVATE_UMASK)  # the copy holds every prompt, as the journal does
+    try:
+        jobs = write_journal_backup(journal)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"edgeai-agent: cannot copy the journal {journal}: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own error
+        return 1
+    if jobs is None:
+        print(f"no journal at {journal} yet: nothing to copy")  # noqa: T201 - requested output
+    else:
+        print(f"journal copied to {backup_path(journal)}: {jobs} jobs")  # noqa: T201 - requested output
+    return 0

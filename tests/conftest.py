@@ -158,6 +158,8 @@ class AgentProcess:
     """Run the agent (daemon and worker) under this memory cgroup's limit."""
     prefix: list[str] = field(default_factory=list)
     """A command the agent runs under (strace, to kill its worker at a chosen system call)."""
+    unset: tuple[str, ...] = ()
+    """Settings left to the agent to find (the broker, which a Home Assistant app asks for)."""
 
     @property
     def base(self) -> str:
@@ -197,6 +199,8 @@ class AgentProcess:
             }
         )
         env.update(self.extra_env)
+        for name in self.unset:
+            env.pop(name, None)
         return env
 
     def start(self, wait: bool = True) -> None:

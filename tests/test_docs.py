@@ -15,6 +15,12 @@ from agent.settings.reference import settings_reference
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+PROJECT_FILES = (
+    "https://github.com/edgeai/edgeai-agent/blob/main/",
+    "https://raw.githubusercontent.com/edgeai/edgeai-agent/main/",
+)
+"""The project's own files by their public address: the README's links, which must work where
+Home Assistant's app store shows it (it has no folder to resolve a relative link in)."""
 
 
 def anchors(page: Path) -> set[str]:
@@ -34,15 +40,28 @@ def test_the_readme_fits_on_a_few_screens_and_names_the_test_command():
     assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_readme_links_by_address_as_the_app_store_shows_it():
+    relative = [
+        target
+        for target in LINK.findall((ROOT / "README.md").read_text())
+        if not target.startswith(("http://", "https://", "#"))
+    ]
+    assert relative == []
+
+
 def test_every_link_in_the_readme_and_docs_leads_somewhere():
     pages = [ROOT / "README.md", *DOCS.glob("*.md")]
     checked = 0
     for page in pages:
-        for target in LINK.findall(page.read_text()):
+        for link in LINK.findall(page.read_text()):
+            target, base = link, page.parent
+            for prefix in PROJECT_FILES:
+                if link.startswith(prefix):
+                    target, base = link.removeprefix(prefix), ROOT
             if target.startswith(("http://", "https://")):
                 continue
             path, _, anchor = target.partition("#")
-            linked = (page.parent / path).resolve() if path else page
+            linked = (base / path).resolve() if path else page
             assert linked.exists(), f"{page.name} links to {target}, which does not exist"
             if anchor:
                 assert anchor in anchors(linked), f"{page.name}: no heading #{anchor} in {path}"
@@ -53,7 +72,7 @@ def test_every_link_in_the_readme_and_docs_leads_somewhere():
 def test_the_readme_leads_to_every_page_of_docs():
     readme = (ROOT / "README.md").read_text()
     for page in DOCS.glob("*.md"):
-        assert f"(docs/{page.name}" in readme, f"the README does not lead to docs/{page.name}"
+        assert f"main/docs/{page.name}" in readme, f"the README does not lead to docs/{page.name}"
 
 
 def test_the_settings_page_is_the_one_the_settings_model_writes():

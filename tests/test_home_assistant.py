@@ -47,4 +47,4 @@ def test_the_integration_in_home_assistant(broker, make_agent):
     )
     print(completed.stdout[-6000:], completed.stderr[-3000:])
     assert completed.returncode == 0, completed.stdout[-6000:] + completed.stderr[-3000:]
-    assert "8 passed" in completed.stdout
+    assert "10 passed" in completed.stdout

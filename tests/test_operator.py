@@ -156,3 +156,31 @@ def test_a_broker_blip_keeps_health_but_an_outage_does_not(broker, make_agent):
     while agent.http_get("/healthz")[0] != 200:
         assert time.monotonic() < deadline, "healthy again once the broker is back"
         time.sleep(0.2)
+
+
+def test_a_broker_that_is_not_there_is_said_once_and_the_agent_waits_for_it(broker, make_agent):
+    """An app started without the Mosquitto app (``mqtt:want``), or a broker down at boot: one
+    line says where the agent is trying, not one per retry; the HTTP side serves meanwhile."""
+    broker.kill()
+    agent = make_agent(broker, start=False)
+    agent.start(wait=False)
+    deadline = time.monotonic() + 60
+    while "model ready:" not in agent.log():
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.2)
+    time.sleep(5)  # paho retries every second or two meanwhile
+    assert agent.http_get("/api/images")[0] == 200
+    said = [line for line in agent.log().splitlines() if "cannot reach the broker" in line]
+    assert len(said) == 1, agent.log()
+    assert f"at 127.0.0.1:{broker.port}; trying again until it answers" in said[0]
+    broker.start()
+    deadline = time.monotonic() + 60  # paho's retry interval has grown meanwhile
+    while "connected to the broker" not in agent.log():
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.2)
+    client = broker.client()
+    try:
+        assert generate(client, agent)["status"] == "ok"
+    finally:
+        client.close()
+    assert len([line for line in agent.log().splitlines() if "cannot reach" in line]) == 1

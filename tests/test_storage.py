@@ -88,7 +88,6 @@ def test_journal_pruning_on_a_full_disk_logs_and_keeps_the_agent_running(
     small_disk, tmp_path, caplog
 ):
     """SQLite needs room to delete rows: the hourly pruning fails on a full disk and waits."""
-    from agent.app import Agent  # noqa: PLC0415 - the agent's own pruning loop, in process
     from agent.jobs.journal import Journal  # noqa: PLC0415
     from agent.jobs.requests import parse_generate  # noqa: PLC0415
     from agent.settings import Settings  # noqa: PLC0415
@@ -108,7 +107,9 @@ def test_journal_pruning_on_a_full_disk_logs_and_keeps_the_agent_running(
             await journal.finish(spec.id, {"status": "ok", "padding": "y" * 2000})
             await journal.delivered(spec.id)
         fill_up(small_disk, leave=0)
-        pruning = asyncio.create_task(Agent(settings)._prune_journal(journal))
+        pruning = asyncio.create_task(
+            journal.keep_pruned(settings.journal_keep_s, settings.journal_keep_rows)
+        )
         async with asyncio.timeout(10):
             while "pruning failed" not in caplog.text:  # noqa: ASYNC110 - it signals nothing
                 await asyncio.sleep(0.05)

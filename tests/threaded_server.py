@@ -21,7 +21,8 @@ class ThreadedServer:
 
     def _serve(self, app: web.Application, host: str, started: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
-        runner = web.AppRunner(app)
+        # A stand-in stops at once: handlers still running (a trickling picture) are cancelled.
+        runner = self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         self.loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, host, self.port)
         self.loop.run_until_complete(site.start())
@@ -30,4 +31,6 @@ class ThreadedServer:
         self.loop.run_forever()
 
     def stop(self) -> None:
+        """Close the listening socket (the port is free again at once), then the loop."""
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)

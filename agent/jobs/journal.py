@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_S = 3600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -239,6 +244,19 @@ class Journal:
             return [_entry(row) for row in rows]
 
         return await self._run(read)
+
+    async def keep_pruned(self, keep_s: float, keep_rows: int) -> None:
+        """Prune every hour, for as long as the agent runs (see :meth:`prune`)."""
+        while True:
+            try:
+                removed = await self.prune(keep_s, keep_rows)
+            except (OSError, sqlite3.Error) as exc:
+                # A full or failing disk: jobs report it; pruning tries again next interval.
+                log.warning("journal: pruning failed (%s); trying again later", exc)
+            else:
+                if removed:
+                    log.info("journal: removed %d delivered jobs", removed)
+            await asyncio.sleep(PRUNE_INTERVAL_S)
 
     async def prune(self, keep_s: float, keep_rows: int) -> int:
         """Delete delivered jobs older than ``keep_s`` or beyond the newest ``keep_rows``.

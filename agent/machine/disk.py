@@ -47,6 +47,15 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = False) -> None:
         raise
 
 
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to storage."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def free_bytes(folder: Path) -> int | None:
     """Return the bytes an unprivileged writer may still use in ``folder``'s file system."""
     try:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from agent.machine.disk import free_bytes, is_full
+from agent.machine.disk import free_bytes, is_full, sync_folder
 from agent.model.pages import MappedPages
 from agent.model.quantized import GROUP, StoredLayer, StoredTensor, quantize
 
@@ -210,7 +210,7 @@ def write_copy(copy: Copy, weight_of: Callable[[StoredLayer], torch.Tensor]) -> 
         finally:
             os.close(descriptor)
         partial.replace(copy.path)
-        _sync_folder(folder)
+        sync_folder(folder)
     except OSError as error:
         partial.unlink(missing_ok=True)
         free = free_bytes(folder) if folder.exists() else None
@@ -231,15 +231,6 @@ def _reserve(descriptor: int, size: int) -> None:
     except OSError as error:
         if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise  # a file system that cannot reserve fails at the write that finds no room
-
-
-def _sync_folder(folder: Path) -> None:
-    """Flush a folder's entries (the rename) to storage."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def mapped_copy(

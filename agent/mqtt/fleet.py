@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.jobs.errors import error_body
-from agent.mqtt.link import Acknowledgement, MqttError
+from agent.mqtt.link import Acknowledgement, MqttError, MqttLink
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from agent.jobs.errors import RequestError
     from agent.jobs.requests import JobSpec
     from agent.metrics import AgentMetrics
-    from agent.mqtt.link import Inbound, MqttLink
+    from agent.mqtt.link import Inbound
     from agent.mqtt.routes import Background, Requests
+    from agent.mqtt.topics import Topics
     from agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,21 @@ class Fleet:
     def attach(self, link: MqttLink) -> None:
         """Use ``link`` (the fleet's own connection, Receive Maximum 1) for fleet jobs."""
         self.link = link
+
+    def open_link(self, topics: Topics) -> MqttLink:
+        """Make, subscribe and attach the fleet's own connection (started with the agent's)."""
+        settings = self._settings
+        link = MqttLink(
+            settings,
+            topics,
+            on_connection=lambda _connected: None,
+            client_id=f"{settings.client_id}-fleet",
+            receive_maximum=1,  # one fleet job in flight to this agent at a time
+            announces=False,
+        )
+        link.subscribe([self.subscription], self.on_message)
+        self.attach(link)
+        return link
 
     def result_topic(self, job_id: str) -> str:
         """Return where a fleet job's result is published besides the agent's own topic.

@@ -106,6 +106,8 @@ class MqttLink:
         self._loop = asyncio.get_running_loop()
         self._connected_once = asyncio.Event()
         self._stopping = False
+        self._unreachable_said = False
+        """The broker's absence is said once, until it answers again (paho retries quietly)."""
         self.disconnected_at: float | None = None
         """``time.monotonic()`` when the link was lost; None while connected or never."""
         self.connected = False
@@ -129,6 +131,7 @@ class MqttLink:
         client.reconnect_delay_set(min_delay=1, max_delay=settings.mqtt_reconnect_max_s)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
+        client.on_connect_fail = self._paho_connect_fail
         client.on_message = self._paho_message
         client.on_publish = self._paho_published
         self._client = client
@@ -275,6 +278,7 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
+        self._unreachable_said = False
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
         # retainHandling 2: retained requests are never replayed at subscribe time (they would
         # run again at every reconnect); retainAsPublished: a request published with the retain
@@ -301,7 +305,18 @@ class MqttLink:
             log.debug("disconnected from the broker: %s", reason_code)
         else:
             log.warning("disconnected from the broker: %s; reconnecting", reason_code)
+        self._unreachable_said = True  # the line above said it; retries that fail say nothing
         self._loop.call_soon_threadsafe(self._set_connected, False, None)
+
+    def _paho_connect_fail(self, client: paho.Client, userdata: Any) -> None:  # noqa: ANN401
+        del client, userdata
+        if not self._unreachable_said and not self._stopping:
+            self._unreachable_said = True
+            log.warning(
+                "cannot reach the broker at %s:%d; trying again until it answers",
+                self._settings.mqtt_host,
+                self._settings.mqtt_port,
+            )
 
     def _paho_message(
         self,

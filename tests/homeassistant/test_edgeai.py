@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -13,6 +14,7 @@ from homeassistant.components import ai_task
 from homeassistant.data_entry_flow import FlowResultType
 from homeassistant.exceptions import HomeAssistantError
 from homeassistant.helpers import entity_registry as er
+from homeassistant.helpers.service_info.hassio import HassioServiceInfo
 from pytest_homeassistant_custom_component.common import MockConfigEntry
 
 URL = os.environ["EDGEAI_AGENT_URL"]
@@ -67,17 +69,22 @@ async def set_up(hass, **options) -> str:
     return entity_id
 
 
+async def generate_image(hass, entity_id: str, task_name: str) -> dict:
+    """``ai_task.generate_image`` as an automation calls it, with its answer."""
+    return await hass.services.async_call(
+        "ai_task",
+        "generate_image",
+        {"task_name": task_name, "entity_id": entity_id, "instructions": "a red apple"},
+        blocking=True,
+        return_response=True,
+    )
+
+
 async def test_generate_image_returns_the_agents_picture(hass):
     entity_id = await set_up(hass, size="320x256", steps=2)
     state = hass.states.get(entity_id)
     assert state.attributes["supported_features"] & ai_task.AITaskEntityFeature.GENERATE_IMAGE
-    result = await hass.services.async_call(
-        "ai_task",
-        "generate_image",
-        {"task_name": "apple", "entity_id": entity_id, "instructions": "a red apple"},
-        blocking=True,
-        return_response=True,
-    )
+    result = await generate_image(hass, entity_id, "apple")
     print("generate_image:", {key: value for key, value in result.items() if key != "url"})
     assert result["mime_type"] == "image/png"
     assert (result["width"], result["height"]) == (320, 256)
@@ -208,3 +215,60 @@ async def test_an_attachment_that_is_not_a_picture_is_a_home_assistant_error(has
         )
     print("not a picture:", refused.value)
     assert "not a picture" in str(refused.value)
+
+
+def announced(token: str = TOKEN, name: str = "edgeai-agent") -> HassioServiceInfo:
+    """What Home Assistant's hassio integration hands the flow for the app's discovery message
+    (homeassistant/components/hassio/discovery.py): the app's config, its name and slug."""
+    address = urlsplit(URL)
+    return HassioServiceInfo(
+        config={
+            "host": address.hostname,
+            "port": address.port,
+            "token": token,
+            "node_id": "pi5",
+            "addon": name,
+        },
+        name=name,
+        slug="local_edgeai_agent",
+        uuid="0123456789abcdef0123456789abcdef",
+    )
+
+
+async def test_the_apps_announcement_sets_up_the_agent_with_nothing_to_type(hass):
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_HASSIO}, data=announced()
+    )
+    print("hassio discovery:", result["type"], result.get("step_id"))
+    assert result["type"] is FlowResultType.FORM
+    assert result["step_id"] == "hassio_confirm"
+    assert result["description_placeholders"]["url"] == URL
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.CREATE_ENTRY
+    assert result["data"][CONF_URL] == URL
+    assert result["data"][CONF_TOKEN] == TOKEN
+    entry = result["result"]
+    assert entry.unique_id == "local_edgeai_agent"
+    await hass.async_block_till_done()
+    entity_id = er.async_get(hass).async_get_entity_id("ai_task", DOMAIN, entry.entry_id)
+    assert entity_id is not None
+    generated = await generate_image(hass, entity_id, "discovered")
+    print("discovered agent, generate_image:", generated["mime_type"], generated["width"])
+    assert generated["mime_type"] == "image/png"
+
+    # The app started again with another token: the entry takes it, no second offer.
+    again = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_HASSIO}, data=announced("new-token")
+    )
+    assert again["type"] is FlowResultType.ABORT
+    assert again["reason"] == "already_configured"
+    assert hass.config_entries.async_get_entry(entry.entry_id).data[CONF_TOKEN] == "new-token"
+
+
+async def test_an_announced_token_the_agent_refuses_is_said_at_the_confirmation(hass):
+    result = await hass.config_entries.flow.async_init(
+        DOMAIN, context={"source": config_entries.SOURCE_HASSIO}, data=announced("wrong")
+    )
+    result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
+    assert result["type"] is FlowResultType.FORM
+    assert result["errors"] == {"base": "invalid_auth"}

@@ -6,6 +6,9 @@ from typing import Final
 
 DOMAIN: Final = "edgeai"
 CONF_URL: Final = "url"
+CONF_HOST: Final = "host"
+"""The app's announcement (Supervisor discovery): host, port and token."""
+CONF_PORT: Final = "port"
 CONF_TOKEN: Final = "token"  # noqa: S105 - a setting's name, not a secret
 CONF_MODEL: Final = "model"
 CONF_SIZE: Final = "size"
