@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -256,3 +259,47 @@ def test_the_supervisors_own_validator_accepts_the_repository():
     print(completed.stdout[-3000:], completed.stderr[-3000:])
     assert completed.returncode == 0
     assert "0 warnings or errors" in completed.stdout
+
+
+def test_without_a_broker_the_app_runs_and_the_watchdog_leaves_it_alone(
+    app_image, broker, supervisor, share, tmp_path
+):
+    """``mqtt:want`` with no Mosquitto app: the Supervisor hands out no broker. The app serves
+    its page and APIs, says once that it has no broker, and its port answers the TCP watchdog
+    (config.yaml's ``tcp://[HOST]:[PORT:8080]``) although /healthz says 503."""
+    app = App(app_image, broker, supervisor, share, tmp_path / "data")
+    supervisor.broker = None
+    try:
+        podman(
+            *RUN_ON_HOST,
+            *("--name", app.name, "--hostname", APP_HOSTNAME),
+            *("--add-host", "supervisor:127.0.0.1"),
+            *("-e", f"SUPERVISOR_TOKEN={SUPERVISOR_TOKEN}"),
+            *("-e", f"EDGEAI_HTTP_PORT={app.http_port}", "-e", "EDGEAI_TORCH_THREADS=1"),
+            *("-e", "EDGEAI_HEALTH_BROKER_GRACE_S=1"),
+            *("-v", f"{app.data}:/data", "-v", f"{app.share}:/share:ro"),
+            app.image,
+        )
+        deadline = time.monotonic() + 120
+        while "model ready:" not in container_log(app.name):
+            assert time.monotonic() < deadline, container_log(app.name)
+            time.sleep(0.5)
+        time.sleep(2)
+        watchdog = CONFIG["watchdog"].replace("[PORT:8080]", str(app.http_port))
+        assert watchdog.startswith("tcp://[HOST]:")
+        with socket.create_connection(("127.0.0.1", app.http_port), timeout=5):
+            pass  # what the Supervisor's TCP watchdog checks
+        try:
+            urllib.request.urlopen(app.url + "/healthz", timeout=5)
+            health = 200
+        except urllib.error.HTTPError as exc:
+            health = exc.code
+        assert health == 503
+        log = container_log(app.name)
+        assert "the MQTT broker from nowhere: install the Mosquitto app or set mqtt_host" in log
+        assert log.count("cannot reach the broker") == 1
+        assert "announced to Home Assistant" in log  # the AI Task integration still works
+        code, _ = app.stop()
+        assert code == "0"
+    finally:
+        app.remove()
