@@ -168,7 +168,7 @@ def test_a_broker_that_is_not_there_is_said_once_and_the_agent_waits_for_it(brok
     while "model ready:" not in agent.log():
         assert time.monotonic() < deadline, agent.log()
         time.sleep(0.2)
-    time.sleep(5)  # paho retries every second or two meanwhile
+    time.sleep(3)  # paho retries every second or two meanwhile
     assert agent.http_get("/api/images")[0] == 200
     said = [line for line in agent.log().splitlines() if "cannot reach the broker" in line]
     assert len(said) == 1, agent.log()

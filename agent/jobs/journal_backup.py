@@ -84,9 +84,14 @@ def restore_journal_backup(journal: Path) -> int | None:
         if verdict != "ok":
             message = f"the journal's copy {copy} is damaged: {verdict}"
             raise sqlite3.DatabaseError(message)
-        with contextlib.closing(sqlite3.connect(journal)) as restored:
+        # Into a file beside it first: a restore cut short leaves no half journal behind.
+        partial = journal.with_name(journal.name + ".restoring")
+        partial.unlink(missing_ok=True)
+        with contextlib.closing(sqlite3.connect(partial)) as restored:
             source.backup(restored)
             jobs = int(restored.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+    partial.replace(journal)
+    sync_folder(journal.parent)
     return jobs
 
 
