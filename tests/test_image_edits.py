@@ -206,6 +206,8 @@ def form_head(path: str, length: int, boundary: str = "b0undary", **extra: str) 
         "Authorization": f"Bearer {TOKEN}",
         "Content-Type": f"multipart/form-data; boundary={boundary}",
         "Content-Length": str(length),
+        # The answer is read until the agent closes: not kept alive for the idle timeout.
+        "Connection": "close",
         **extra,
     }
     lines = [f"POST {path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]

@@ -33,7 +33,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests.conftest import ROOT, Node, free_port, generate
 from tests.containers.conftest import RUN_ON_HOST, container_log, podman, wait_healthy
 from tests.supervisor import SUPERVISOR_TOKEN, SupervisorStandIn
-from tests.test_app_backups import EXCLUDES, restore, supervisor_backup
+from tests.test_app_backups import EXCLUDES, hub_cache, members, restore, supervisor_backup
 from tests.test_web import IngressProxy, chromium_driver
 
 APP_IMAGE = "localhost/edgeai-agent-app:test"
@@ -190,13 +190,23 @@ def test_a_stop_finishes_the_picture_and_a_backup_restores_the_queue(
     app_image, broker, supervisor, share, tmp_path
 ):
     """A picture longer than Docker's default 10 s stop is running, another queued: the stop
-    with config.yaml's timeout lets it finish (exit 0); the stopped app's backup, restored into
-    a fresh /data, answers the queued job. A hot backup of the running app opens cleanly."""
+    with config.yaml's timeout lets it finish (exit 0); the stopped app's backup leaves out the
+    model it downloaded and, restored into a fresh /data, answers the queued job. A hot backup
+    of the running app opens cleanly."""
     app = App(app_image, broker, supervisor, share, tmp_path / "data")
+    # The model as the first start leaves it: downloaded into the app's own Hugging Face cache.
+    tiny_model = share / "models" / "tiny-sdxl"
+    hub_cache(app.data / "huggingface", "edgeai/tiny-sdxl", tiny_model, variant="fp16")
+    hub_cache(app.data / "huggingface", "edgeai/tiny-taesd", tiny_model / "taesd")
+    for path in [app.data, *app.data.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    options = json.loads((app.data / "options.json").read_text())
+    options.update(model="edgeai/tiny-sdxl", tiny_vae="edgeai/tiny-taesd")
+    (app.data / "options.json").write_text(json.dumps(options))
     client = broker.client()
     base = app.agent.base
     try:
-        app.run(EDGEAI_MAX_STEPS="50")
+        app.run(EDGEAI_MAX_STEPS="50", HF_HUB_OFFLINE="1")
         client.subscribe(f"{base}/result/+", f"{base}/jobs/+")
         long_job = {"prompt": "x", "id": "app-long", "steps": 50, "width": 1024, "height": 1024}
         client.publish(f"{base}/generate", json.dumps(long_job))
@@ -217,12 +227,21 @@ def test_a_stop_finishes_the_picture_and_a_backup_restores_the_queue(
         assert not client.messages(f"{base}/result/app-queued")
 
         # The stopped app's backup (no backup_pre runs for a stopped app), restored.
-        archive = tmp_path / "backup.tar.gz"
+        archive, everything = tmp_path / "backup.tar.gz", tmp_path / "everything.tar.gz"
         supervisor_backup(app.data, archive, EXCLUDES)
+        supervisor_backup(app.data, everything, [])
+        print(
+            f"backup of the stopped app: {archive.stat().st_size:,} bytes, "
+            f"{everything.stat().st_size:,} without backup_exclude"
+        )
+        assert not [name for name in members(archive) if name.startswith("data/huggingface")]
         app.remove()
         restored = restore(archive, tmp_path / "restored")
+        # The first start after a restore downloads the model again; here, the cache put back.
+        hub_cache(restored / "huggingface", "edgeai/tiny-sdxl", tiny_model, variant="fp16")
+        hub_cache(restored / "huggingface", "edgeai/tiny-taesd", tiny_model / "taesd")
         app.data = restored
-        app.run()
+        app.run(HF_HUB_OFFLINE="1")
         queued = client.wait_for(f"{base}/result/app-queued", timeout=300).json()
         assert queued["status"] == "ok"
         assert "journal: started from the backup's copy" in container_log(app.name)
@@ -236,8 +255,6 @@ def test_a_stop_finishes_the_picture_and_a_backup_restores_the_queue(
             assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             ids = {row[0] for row in copy.execute("SELECT id FROM jobs")}
         assert {"app-long", "app-queued"} <= ids
-        sizes = {path.name: path.stat().st_size for path in tmp_path.glob("*.tar.gz")}
-        print(f"backups of the app's /data: {sizes}")
     finally:
         client.close()
         app.remove()
