@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,10 +34,22 @@ if not os.environ.get("EDGEAI_SMALL_PI_TESTS"):
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+TEST_PORTS = range(20000, 32768)
+"""Below Linux's range for outgoing connections' source ports (32768-60999): a port taken from
+that range could be given to some connection's source before the test binds it."""
+_PORT_CHOICE = random.SystemRandom()  # two xdist workers never share a seed
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Return a port nothing listens on now, for a server a test starts next."""
+    while True:
+        port = _PORT_CHOICE.choice(TEST_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:

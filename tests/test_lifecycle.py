@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 
 import pytest
@@ -214,3 +215,17 @@ def test_a_part_that_dies_on_a_bug_stops_the_agent_for_a_restart(
     (record,) = [r for r in caplog.records if r.levelname == "CRITICAL"]
     assert "runner task ended" in record.getMessage()
     assert "a bug in the runner" in caplog.text
+
+
+def test_a_port_already_taken_stops_the_start_with_one_line(broker, make_agent):
+    """Another service on the agent's port is the operator's to change: exit 2 and a line that
+    names the port, as for any setting, not a traceback."""
+    agent = make_agent(broker, start=False)
+    with socket.create_server(("127.0.0.1", agent.http_port)):
+        agent.start(wait=False)
+        assert agent.process.wait(60) == 2
+    log = agent.log()
+    assert (
+        f"cannot start: cannot listen on 127.0.0.1:{agent.http_port}: Address already in use" in log
+    )
+    assert "Traceback" not in log

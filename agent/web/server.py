@@ -27,6 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.images import CONTENT_TYPES, FILE_NAME
+from agent.settings import SettingsError
 from agent.web.bodies import BadFormError, TooLargeError, read_form, read_within
 from agent.web.connections import ConnectionGate
 from agent.web.origin import cross_site_write, is_form_data, is_json
@@ -134,7 +135,11 @@ class AgentHttpServer:
         self.routes.add("GET", image, self.image, access=Access.IMAGE, shape=plain)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         address = (config.host, config.port)
-        self._socket = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+        try:
+            self._socket = socket.create_server(address, family=family, backlog=LISTEN_BACKLOG)
+        except OSError as exc:  # a port taken, an address not here: one line, no traceback
+            message = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+            raise SettingsError(message) from exc
         self.port: int = self._socket.getsockname()[1]
 
     async def start(
