@@ -102,12 +102,11 @@ class Fleet:
         prefix = self._settings.topic_prefix
         return [f"{prefix}/+/state", f"{prefix}/+/availability"]
 
-    def attach(self, link: MqttLink) -> None:
-        """Use ``link`` (the fleet's own connection, Receive Maximum 1) for fleet jobs."""
-        self.link = link
-
     def open_link(self, topics: Topics) -> MqttLink:
-        """Make, subscribe and attach the fleet's own connection (started with the agent's)."""
+        """Make and subscribe the fleet's own connection (Receive Maximum 1) for fleet jobs.
+
+        The agent starts and stops it with its own.
+        """
         settings = self._settings
         link = MqttLink(
             settings,
@@ -118,7 +117,7 @@ class Fleet:
             announces=False,
         )
         link.subscribe([self.subscription], self.on_message)
-        self.attach(link)
+        self.link = link
         return link
 
     def result_topic(self, job_id: str) -> str:
