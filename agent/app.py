@@ -22,30 +22,29 @@ from agent.jobs.admission import REQUEST_OUTCOMES, Admission
 from agent.jobs.init_images import InitImages
 from agent.jobs.journal import Journal
 from agent.jobs.journal_backup import keep_backup_copy, start_from_backup
+from agent.jobs.model_choice import model_choice
 from agent.jobs.outbox import Outbox
 from agent.jobs.runner import Runner
 from agent.jobs.service import JobService
+from agent.jobs.switching import ModelSwitcher
 from agent.machine.disk import StorageWatch
 from agent.machine.memory import memory_limit
 from agent.machine.state_folder import prepare_state_folders
 from agent.machine.thermal import ThermalGuard
 from agent.metrics import AgentMetrics
 from agent.model.link import Backoff, WorkerLink
-from agent.model.protocol import PipelineOptions, WorkerConfig
+from agent.model.protocol import WorkerConfig
 from agent.mqtt import discovery
 from agent.mqtt.fleet import Fleet
-from agent.mqtt.link import MqttError, MqttLink
+from agent.mqtt.link import MqttLink
 from agent.mqtt.routes import Background, MqttRoutes, Requests
 from agent.mqtt.topics import Topics
 from agent.settings import SettingsError
 from agent.status import AgentStatus
-from agent.web.a1111_api import A1111Api
+from agent.web.apis import register_apis
 from agent.web.auth import TokenGate, UrlSigner, agent_token
 from agent.web.connections import connection_limits
-from agent.web.generation import Generation
-from agent.web.openai_api import OpenAIApi
 from agent.web.origin import host_allowlist
-from agent.web.page_api import PageApi
 from agent.web.server import AgentHttpServer, HttpConfig
 
 if TYPE_CHECKING:
@@ -166,12 +165,13 @@ class Agent:
         limit = memory_limit()
         log.info("memory limit: %s", limit.describe())
         metrics.memory_limit_bytes.set(limit.bytes)
+        choice = model_choice(settings)
+        catalog = choice.catalog
+        config = WorkerConfig(
+            catalog.pipeline_options(catalog.default), settings.jpeg_quality, settings.log_level
+        )
         worker = WorkerLink(
-            WorkerConfig(
-                pipeline=PipelineOptions.from_settings(settings),
-                jpeg_quality=settings.jpeg_quality,
-                log_level=settings.log_level,
-            ),
+            config,
             backoff=Backoff(settings.worker_restart_delay_s, settings.worker_restart_max_delay_s),
             limit=limit,
             on_change=changed,
@@ -197,6 +197,8 @@ class Agent:
             on_change=changed,
             init_images=init_images,
             storage=storage,
+            switcher=ModelSwitcher(worker, catalog, config, metrics),
+            loras=choice.loras,
         )
         admission = Admission(
             journal=journal,
@@ -208,7 +210,7 @@ class Agent:
             storage=storage,
         )
         metrics.queue_depth.set_function(lambda: float(admission.queue_depth))
-        requests = Requests(settings=settings, admission=admission, outbox=outbox)
+        requests = Requests(settings=settings, admission=admission, outbox=outbox, choice=choice)
         routes = MqttRoutes(
             settings=settings,
             topics=topics,
@@ -242,9 +244,16 @@ class Agent:
             metrics=metrics,
             changed=self._changed,
             storage=storage,
+            choice=choice,
         )
+        catalog.on_choose += [runner.wake, changed]
         service = JobService(
-            settings=settings, admission=admission, journal=journal, runner=runner, outbox=outbox
+            settings=settings,
+            admission=admission,
+            journal=journal,
+            runner=runner,
+            outbox=outbox,
+            choice=choice,
         )
         self.parts = Parts(
             journal=journal,
@@ -285,13 +294,7 @@ class Agent:
     async def startup(self, parts: Parts) -> list[asyncio.Task[None]]:
         """Start every part, in order: HTTP, MQTT, the worker, the journal's unfinished jobs."""
         settings = self.settings
-        generation = Generation(settings=settings, jobs=parts.service)
-        for api in (
-            PageApi(jobs=parts.service, events=parts.outbox.events),
-            OpenAIApi(generation),
-            A1111Api(generation, jobs=parts.service),
-        ):
-            api.register(parts.http.routes)
+        register_apis(parts.http.routes, parts.service, parts.outbox.events)
         await parts.http.start(parts.status.health, self.gate)
         log.info("HTTP server on %s:%d", settings.http_host, parts.http.port)
         if self.supervisor is not None:
@@ -304,6 +307,9 @@ class Agent:
         if parts.fleet is not None and parts.fleet.link is not None:
             parts.fleet.link.start()
         parts.worker.start()
+        self._background.spawn(
+            asyncio.to_thread(parts.service.choice.catalog.read_families), name="model-families"
+        )
         await parts.runner.resume_all(await parts.journal.unfinished())
         tasks = [
             asyncio.create_task(parts.admission.run(), name="admission"),
@@ -376,23 +382,15 @@ class Agent:
 
     def _announce(self) -> None:
         """Publish every entity's discovery config, or empty configs to remove them."""
-        settings, parts = self.settings, self.parts
-        for announcement in discovery.announcements(
-            prefix=settings.discovery_prefix,
-            node_id=settings.node_id,
-            topics=Topics(settings.base_topic),
-            model=settings.model,
-            image_format=settings.default_format,
-            configuration_url=parts.outbox.base_url,
-        ):
-            payload = announcement.payload() if settings.discovery else ""
-            try:
-                parts.link.publish(announcement.topic, payload, retain=True)
-            except MqttError:
-                log.exception("cannot publish discovery")
+        discovery.publish_all(
+            self.parts.link,
+            self.settings,
+            models=self.parts.service.choice.catalog.names,
+            configuration_url=self.parts.outbox.base_url,
+        )
 
     def _on_connection(self, connected: bool) -> None:
         self.metrics.mqtt_connected.set(1 if connected else 0)
         if connected:
             self._announce()
-            self.parts.status.publish()
+            self.parts.status.connected()

@@ -41,9 +41,10 @@ FIXED = {
     "HF_HOME": "/data/huggingface",
     "EDGEAI_INGRESS_PEER": INGRESS_GATEWAY,
     "EDGEAI_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
+    "EDGEAI_LORA_DIR": "/share/edgeai/loras",
 }
 """What every app gets: all state in the app's own folder, ingress trusted, a stop that ends
-before the Supervisor kills."""
+before the Supervisor kills, LoRA styles from a folder of /share (what the Samba app shows)."""
 OPTIONS = {
     "model": "EDGEAI_MODEL",
     "tiny_vae": "EDGEAI_TINY_VAE",
@@ -96,6 +97,13 @@ def app_environment(options: dict[str, Any], broker: dict[str, Any] | None) -> d
             expected = "a whole number" if kind is int else "text"
             raise SettingsError(f"the app option {option} must be {expected}, not {value!r}")
         variables[name] = str(value)
+    models = options.get("models") or []
+    if not isinstance(models, list) or not all(
+        isinstance(line, str) and "=" in line for line in models
+    ):
+        raise SettingsError("the app option models must be lines of name=source")
+    if models:
+        variables["EDGEAI_MODELS"] = json.dumps(dict(line.split("=", 1) for line in models))
     if "EDGEAI_MQTT_HOST" not in variables and broker:
         for key, name in BROKER.items():
             if broker.get(key) not in (None, ""):

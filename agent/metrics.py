@@ -203,6 +203,19 @@ class AgentMetrics:
             "Model loads that failed: raised, or the worker died while loading (out of memory).",
             registry=registry,
         )
+        self.model_switches = Counter(
+            "edgeai_model_switches",
+            "Switches of the resident model a request asked for, by model and outcome (ok, "
+            "failed).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.model_switch_seconds = Histogram(
+            "edgeai_model_switch_seconds",
+            "Time from a switch's start (the old model unloading) to the new one being ready.",
+            buckets=(1, 2.5, 5, 10, 20, 40, 60, 120, 240, 480),
+            registry=registry,
+        )
         self.free_bytes = Gauge(
             "edgeai_free_bytes",
             "Free space on the file system of a folder the agent writes to (state, images).",

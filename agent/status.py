@@ -18,6 +18,7 @@ from agent.mqtt.link import MqttError
 
 if TYPE_CHECKING:
     from agent.jobs.admission import Admission
+    from agent.jobs.model_choice import ModelChoice
     from agent.jobs.runner import Runner
     from agent.machine.disk import StorageWatch
     from agent.machine.thermal import ThermalGuard
@@ -50,6 +51,7 @@ class AgentStatus:
         metrics: AgentMetrics,
         changed: asyncio.Event,
         storage: StorageWatch,
+        choice: ModelChoice | None = None,
     ) -> None:
         """Create the status over the agent's parts.
 
@@ -64,7 +66,11 @@ class AgentStatus:
             metrics: ``edgeai_state`` and the model's metrics.
             changed: Set by any part whose change the state shows.
             storage: A write that failed (a full disk), told in the state and health.
+            choice: The installed models and LoRA styles, whose lists are published retained
+                (each when it changes: a LoRA file dropped in the folder, a new default).
         """
+        self._choice = choice
+        self._lists_published: dict[str, str] = {}
         self._settings = settings
         self._topics = topics
         self._link = link
@@ -103,8 +109,11 @@ class AgentStatus:
             "temperature_c": self._temperature_c,
             "throttled": self._throttled,
             "last_latency_s": self._runner.last_latency_s,
-            "model": self._settings.model,
+            "model": self._worker.model_source or self._settings.model,
+            "model_name": self._worker.model_name,
         }
+        if self._choice is not None:
+            body["default_model"] = self._choice.catalog.default
         if self._settings.fleet_group is not None:
             body["fleet"] = self._settings.fleet_group  # peers of the group read it
         if self._worker.status is WorkerStatus.ERROR:
@@ -122,6 +131,32 @@ class AgentStatus:
             self._link.publish(self._topics.state, json.dumps(self.body()), retain=True)
         except MqttError:
             log.exception("cannot publish the state")
+        self._publish_lists()
+
+    def _publish_lists(self) -> None:
+        """Publish the models and LoRA lists, retained, where they changed since last time."""
+        if self._choice is None or not self._link.connected:
+            return
+        catalog = self._choice.catalog
+        lists = {
+            self._topics.models: {"default": catalog.default, "models": catalog.listing()},
+            self._topics.loras: {"loras": self._choice.loras.listing()},
+        }
+        for topic, content in lists.items():
+            payload = json.dumps(content)
+            if self._lists_published.get(topic) == payload:
+                continue
+            try:
+                self._link.publish(topic, payload, retain=True)
+            except MqttError:
+                log.exception("cannot publish %s", topic)
+                continue
+            self._lists_published[topic] = payload
+
+    def connected(self) -> None:
+        """The broker link is (again) up: publish the state and every list."""
+        self._lists_published.clear()
+        self.publish()
 
     async def keep(self) -> None:
         """Publish the state on every change, and the hardware readings every interval."""

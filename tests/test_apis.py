@@ -120,7 +120,7 @@ def test_the_openai_client_lists_the_model_and_gets_openai_errors(api_agent, tin
     client = openai_client(api_agent)
     models = client.models.list()
     print("openai models:", [model.id for model in models.data])
-    assert [model.id for model in models.data] == [str(tiny_model)]
+    assert [model.id for model in models.data] == [tiny_model.name]
     with pytest.raises(openai.BadRequestError) as bad_size:
         client.images.generate(prompt="x", size="513x512")
     error = bad_size.value.body
@@ -239,13 +239,13 @@ def test_what_open_webui_sends_to_automatic1111(api_agent, client):
     assert answer["parameters"]["batch_size"] == 2
     for job_id in info["job_ids"]:  # announced on MQTT like every other job
         assert client.wait_for(f"{api_agent.base}/result/{job_id}").json()["status"] == "ok"
-    # Switching models: accepted, and said not to happen.
-    status, switched = call(
+    # A checkpoint that is not installed: refused, naming those that are.
+    status, refused = call(
         api_agent, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": "other"}, basic()
     )
-    assert status == 200
-    assert switched["switched"] is False
-    assert "not supported" in switched["note"]
+    assert status == 400
+    assert refused["error"] == "unknown_model"
+    assert checkpoint in refused["errors"]
     status, progress = call(api_agent, "GET", "/sdapi/v1/progress", headers=basic())
     assert status == 200
     assert 0.0 <= progress["progress"] <= 1.0

@@ -69,6 +69,17 @@ PLATFORMS = {
         },
         {"state_topic"},
     ),
+    "select": (
+        {
+            "command_template",
+            "command_topic",
+            "options",
+            "retain",
+            "state_topic",
+            "value_template",
+        },
+        {"command_topic", "options"},
+    ),
     "binary_sensor": (
         {
             "device_class",
@@ -101,6 +112,7 @@ EXPECTED = {
     ("image", "image"),
     ("text", "prompt"),
     ("button", "regenerate"),
+    ("select", "model"),
     ("sensor", "state"),
     ("sensor", "queue_depth"),
     ("sensor", "last_latency"),

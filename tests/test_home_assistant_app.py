@@ -27,7 +27,7 @@ from agent.home_assistant_app import (
     STOP_TIMEOUT_S,
     prepare_app_environment,
 )
-from agent.settings import SettingsError, load_settings
+from agent.settings import Settings, SettingsError, load_settings
 from agent.supervisor import DISCOVERY_SERVICE
 from tests.conftest import ROOT, generate
 from tests.supervisor import DISCOVERY_SERVICES, SUPERVISOR_TOKEN, SupervisorStandIn
@@ -172,7 +172,24 @@ def test_an_empty_decoder_option_means_the_models_own_vae(tmp_path, supervisor, 
     options = write_options(tmp_path, model="m", mqtt_host="10.0.0.5", **given)
     prepare_app_environment(environ, options, supervisor.url)
     assert environ["EDGEAI_TINY_VAE"] == expected
-    assert CONFIG["options"]["tiny_vae"] == "madebyollin/taesdxl"
+    assert CONFIG["options"]["tiny_vae"] == "auto"  # each model's own family's decoder
+
+
+def test_the_installed_models_option_becomes_the_models_setting(tmp_path, supervisor):
+    environ = {"SUPERVISOR_TOKEN": SUPERVISOR_TOKEN}
+    lines = ["sd-turbo=stabilityai/sd-turbo", "local=/share/models/sdxs-512"]
+    options = write_options(tmp_path, model="sd-turbo", mqtt_host="10.0.0.5", models=lines)
+    prepare_app_environment(environ, options, supervisor.url)
+    assert json.loads(environ["EDGEAI_MODELS"]) == {
+        "sd-turbo": "stabilityai/sd-turbo",
+        "local": "/share/models/sdxs-512",
+    }
+    assert environ["EDGEAI_LORA_DIR"] == "/share/edgeai/loras"
+    settings = Settings(models=json.loads(environ["EDGEAI_MODELS"]))
+    assert settings.models["local"].source == "/share/models/sdxs-512"
+    broken = write_options(tmp_path, model="m", mqtt_host="10.0.0.5", models=["no equals sign"])
+    with pytest.raises(SettingsError, match="lines of name=source"):
+        prepare_app_environment({"SUPERVISOR_TOKEN": SUPERVISOR_TOKEN}, broken, supervisor.url)
 
 
 def test_a_stop_gives_the_running_picture_its_grace_before_the_supervisor_kills():

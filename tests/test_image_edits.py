@@ -87,13 +87,13 @@ def test_the_openai_package_hears_why_an_edit_is_refused(token_agent, tmp_path):
 def test_what_open_webui_sends_when_it_edits_an_image(token_agent):
     """Open WebUI's image_edits (backend/open_webui/routers/images.py), OpenAI engine: an
     aiohttp form of model, prompt, n, size and response_format, the picture as a file named
-    after a uuid, Bearer auth."""
+    after a uuid, Bearer auth. The model is the one its settings page offers from /v1/models."""
     snapshot = picture(800, 600, seed=8, fmt="JPEG")
 
     async def send() -> tuple[int, dict]:
         form = aiohttp.FormData()
         for key, value in {
-            "model": "sdxl-turbo",
+            "model": token_agent.model.name,  # the tiny model's name, as listed
             "prompt": "turn it into a watercolour",
             "n": 1,
             "size": "768x576",

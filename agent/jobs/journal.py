@@ -85,6 +85,7 @@ def _spec_to_json(spec: JobSpec) -> str:
 def _spec_from_json(text: str) -> JobSpec:
     fields = json.loads(text)
     data = fields.pop("correlation_data")
+    fields["loras"] = tuple((name, weight) for name, weight in fields.get("loras", ()))
     return JobSpec(**fields, correlation_data=bytes.fromhex(data) if data is not None else None)
 
 

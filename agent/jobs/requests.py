@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import uuid
@@ -14,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.images import file_name
 from agent.jobs.errors import ErrorCode, RequestError, field_error
 from agent.jobs.init_sources import InitSource, parse_init_image
+from agent.jobs.model_choice import LoraRequest, ModelChoice
+from agent.jobs.payloads import decode_json, decode_text
 from agent.model.protocol import GenerateJob, denoising_steps
 from agent.mqtt.topics import is_encodable, reply_topic_problem
 from agent.settings import ImageFormat, OutputMode
@@ -46,6 +47,9 @@ class GenerateRequest(BaseModel):
     init_image: str | None = None
     """Image-to-image: the picture to start from, base64 (or a data URL) or an http(s) URL."""
     strength: float | None = None
+    model: str | None = Field(default=None, max_length=1000)
+    """An installed model's short name (or source); None: the default model."""
+    loras: list[LoraRequest] | None = None
 
 
 class CancelRequest(BaseModel):
@@ -84,6 +88,11 @@ class JobSpec:
     it (journaled with the job; removed once the job is answered)."""
     init_source: InitSource | None = field(default=None, repr=False, compare=False)
     """The init image as it came (or as stored, for the regenerate button): never journaled."""
+    model: str = ""
+    """The installed model's short name; empty (jobs journaled before there were several): the
+    default model."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRA styles: (name, weight) each."""
 
     @property
     def mode(self) -> str:
@@ -105,11 +114,14 @@ class JobSpec:
         """Return the name of the thumbnail of the picture an image-to-image job started from."""
         return file_name(self.id, "jpeg", self.image_key, source=True)
 
-    def worker_job(self, init_image: str | None = None) -> GenerateJob:
+    def worker_job(
+        self, init_image: str | None = None, loras: tuple[tuple[str, str, float], ...] = ()
+    ) -> GenerateJob:
         """Return what the worker process needs to generate and encode the image.
 
         Args:
             init_image: The path of the stored init image, for an image-to-image job.
+            loras: The LoRA styles as (name, file, weight), their files found.
         """
         return GenerateJob(
             id=self.id,
@@ -123,61 +135,8 @@ class JobSpec:
             format=self.format,
             init_image=init_image,
             strength=self.strength,
+            loras=loras,
         )
-
-
-def _reject_constant(name: str) -> Any:  # noqa: ANN401 - json's hook signature
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"the key {key!r} appears twice")
-        result[key] = value
-    return result
-
-
-def decode_json(payload: bytes, limit: int) -> Any:  # noqa: ANN401 - any JSON value
-    """Decode a JSON payload strictly: size first, then UTF-8, then JSON without NaN or repeats.
-
-    Args:
-        payload: The raw MQTT payload.
-        limit: The largest payload accepted, in bytes.
-
-    Returns:
-        The decoded JSON value.
-
-    Raises:
-        RequestError: The payload is too large, not UTF-8 or not strict JSON.
-    """
-    text = decode_text(payload, limit)
-    try:
-        return json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys
-        )
-    except (ValueError, RecursionError) as exc:
-        raise RequestError(ErrorCode.INVALID_JSON, f"the payload is not valid JSON: {exc}") from exc
-
-
-def decode_text(payload: bytes, limit: int) -> str:
-    """Check a payload's size, then decode it as UTF-8.
-
-    Raises:
-        RequestError: The payload is over ``limit`` bytes or not UTF-8.
-    """
-    if len(payload) > limit:
-        raise RequestError(
-            ErrorCode.PAYLOAD_TOO_LARGE,
-            f"the payload is {len(payload)} bytes; the limit is {limit}",
-        )
-    try:
-        return payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(
-            ErrorCode.INVALID_UTF8, f"the payload is not UTF-8 text: {exc.reason}"
-        ) from exc
 
 
 def _readable_id(data: dict[str, Any]) -> str | None:
@@ -193,6 +152,7 @@ def parse_generate(
     *,
     response_topic: str | None = None,
     correlation_data: bytes | None = None,
+    choice: ModelChoice | None = None,
 ) -> JobSpec:
     """Turn a ``generate`` payload into a job, or raise the error its reply must carry.
 
@@ -204,6 +164,8 @@ def parse_generate(
         settings: Bounds and defaults.
         response_topic: The MQTT 5 Response Topic, if the request had one.
         correlation_data: The MQTT 5 Correlation Data, if the request had one.
+        choice: The installed models and LoRA styles (with their families read); None: those
+            the settings name, as far as they are known without reading.
 
     Returns:
         The job, every default filled in.
@@ -235,7 +197,9 @@ def parse_generate(
             request = GenerateRequest.model_validate(data)
         except ValidationError as exc:
             raise field_error(exc) from exc
-        return _resolve(request, settings, reply_to, correlation_data)
+        return _resolve(
+            request, settings, choice or ModelChoice.of(settings), reply_to, correlation_data
+        )
     except RequestError as exc:
         # Whatever failed, the reply goes wherever the request could be traced back to.
         exc.job_id, exc.reply_to, exc.mode = job_id, reply_to, mode
@@ -290,6 +254,7 @@ def _checked_reply_to(topic: str | None, settings: Settings) -> str | None:
 def _resolve(  # noqa: C901 - one check per field, in the order a client reads them
     request: GenerateRequest,
     settings: Settings,
+    choice: ModelChoice,
     reply_to: str | None,
     correlation_data: bytes | None,
 ) -> JobSpec:
@@ -307,38 +272,39 @@ def _resolve(  # noqa: C901 - one check per field, in the order a client reads t
             raise RequestError(
                 ErrorCode.INVALID_REQUEST, f"{name} is not valid Unicode", field=name
             )
+    model = choice.model(request.model)
+    loras = choice.styles(model, request.loras)
+    catalog = choice.catalog
     source, strength = parse_init_image(request.init_image, request.strength, settings)
     # An init image gives the size a request leaves out; 0 until its picture is read.
-    default_width, default_height = (
-        (0, 0) if source is not None else (settings.default_width, settings.default_height)
-    )
+    default_width, default_height = (0, 0) if source is not None else catalog.default_size(model)
+    max_side = min(settings.max_size, model.family.max_side if model.family else settings.max_size)
     width = default_width if request.width is None else request.width
     height = default_height if request.height is None else request.height
     for name, size in (("width", width), ("height", height)):
         if size == 0 and source is not None and getattr(request, name) is None:
             continue
-        if not settings.min_size <= size <= settings.max_size:
+        if not settings.min_size <= size <= max_side:
             raise RequestError(
                 ErrorCode.OUT_OF_RANGE,
-                f"{name} {size} is outside {settings.min_size}..{settings.max_size}",
+                f"{name} {size} is outside {settings.min_size}..{max_side}"
+                + (f" for {model.name}" if max_side < settings.max_size else ""),
                 field=name,
             )
         if size % 8:
             raise RequestError(
                 ErrorCode.BAD_SIZE, f"{name} {size} is not a multiple of 8", field=name
             )
-    steps = settings.default_steps if request.steps is None else request.steps
+    steps = catalog.default_steps(model) if request.steps is None else request.steps
     if not 1 <= steps <= settings.max_steps:
         raise RequestError(
             ErrorCode.OUT_OF_RANGE,
             f"steps {steps} is outside 1..{settings.max_steps}",
             field="steps",
         )
-    guidance = (
-        settings.default_guidance_scale
-        if request.guidance_scale is None
-        else request.guidance_scale
-    )
+    guidance = request.guidance_scale
+    if guidance is None:
+        guidance = catalog.default_guidance(model)
     if not 0.0 <= guidance <= settings.max_guidance_scale:  # also false for NaN
         raise RequestError(
             ErrorCode.OUT_OF_RANGE,
@@ -363,6 +329,8 @@ def _resolve(  # noqa: C901 - one check per field, in the order a client reads t
         correlation_data=correlation_data,
         strength=strength,
         init_source=source,
+        model=model.name,
+        loras=loras,
     )
 
 

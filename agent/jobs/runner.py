@@ -23,9 +23,11 @@ if TYPE_CHECKING:
     from agent.jobs.journal import Journal, JournalEntry
     from agent.jobs.outbox import Outbox
     from agent.jobs.requests import JobSpec
+    from agent.jobs.switching import ModelSwitcher
     from agent.machine.thermal import ThermalGuard
     from agent.metrics import AgentMetrics
     from agent.model.link import WorkerLink
+    from agent.model.lora_shelf import LoraShelf
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class Runner:
         on_change: Callable[[], None],
         init_images: InitImages,
         storage: StorageWatch | None = None,
+        switcher: ModelSwitcher | None = None,
+        loras: LoraShelf | None = None,
     ) -> None:
         """Create the runner; :meth:`run` serves the queue.
 
@@ -77,7 +81,11 @@ class Runner:
             init_images: Image-to-image jobs' pictures: handed to the worker, removed once
                 their job is answered.
             storage: Where a failed write of the journal is recorded.
+            switcher: Makes the model a job names resident before it runs.
+            loras: Where the LoRA files jobs name are.
         """
+        self._switcher = switcher
+        self._loras = loras
         self._init_images = init_images
         self._worker = worker
         self._outbox = outbox
@@ -94,6 +102,10 @@ class Runner:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.current: Job | None = None
         self.last_latency_s: float | None = None
+
+    def wake(self) -> None:
+        """Look again at what to do while idle (the default model changed, say)."""
+        self._wakeup.set()
 
     @property
     def depth(self) -> int:
@@ -203,6 +215,9 @@ class Runner:
         """Wait for a queued job and a cool SoC; return the job at the head, off the queue."""
         while True:
             while not self._queue:
+                if self._switcher is not None and self._switcher.ahead() is not None:
+                    await self._switcher.load_ahead()
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._guard.wait_until_cool()
@@ -214,14 +229,12 @@ class Runner:
     async def _run_one(self, job: Job) -> bool:
         """Run one job; return whether it has its reply (False: it went back in the queue)."""
         spec = job.spec
-        try:
-            loaded = await self._worker.wait_ready()
-        except WorkerUnavailableError as exc:
-            await self._fail(job, ErrorCode.MODEL_UNAVAILABLE, f"the model is not loaded: {exc}")
+        if not await self._model_ready(job):
             return True
-        self._outbox.model = loaded.model
-        if job.expires_at is not None and time.time() > job.expires_at:
-            await self._fail(job, ErrorCode.EXPIRED, "the request expired before it could run")
+        try:
+            loras = self._startable(job)
+        except RequestError as exc:
+            await self._fail(job, exc.code, exc.message)
             return True
         attempt = await self._journal.start(spec.id)
         queue_wait = time.monotonic() - job.received
@@ -240,7 +253,7 @@ class Runner:
             return True
         try:
             init_image = str(self._init_images.path(spec)) if spec.init_image else None
-            outcome = await self._worker.run(spec.worker_job(init_image), progress)
+            outcome = await self._worker.run(spec.worker_job(init_image, loras), progress)
         except WorkerDiedError as exc:
             if attempt < self._max_attempts:
                 log.warning(
@@ -256,8 +269,39 @@ class Runner:
         elif isinstance(outcome, Cancelled):
             await self._fail(job, ErrorCode.CANCELLED, "cancelled while it ran")
         elif isinstance(outcome, Failed):
-            await self._fail(job, ErrorCode.GENERATION_FAILED, outcome.message)
+            code = ErrorCode(outcome.code) if outcome.code in set(ErrorCode) else None
+            await self._fail(job, code or ErrorCode.GENERATION_FAILED, outcome.message)
         return True
+
+    async def _model_ready(self, job: Job) -> bool:
+        """Make the job's model the resident one; False: it cannot be loaded (job answered)."""
+        try:
+            if self._switcher is not None:
+                await self._switcher.ensure(job.spec.model)
+            loaded = await self._worker.wait_ready()
+        except WorkerUnavailableError as exc:
+            await self._fail(job, ErrorCode.MODEL_UNAVAILABLE, f"the model is not loaded: {exc}")
+            return False
+        self._outbox.model = loaded.model
+        return True
+
+    def _startable(self, job: Job) -> tuple[tuple[str, str, float], ...]:
+        """Return the job's LoRA styles with their files, once it is known the job may start.
+
+        Raises:
+            RequestError: It expired, or one of its LoRA files was removed from the folder since
+                it was admitted.
+        """
+        spec = job.spec
+        if job.expires_at is not None and time.time() > job.expires_at:
+            raise RequestError(ErrorCode.EXPIRED, "the request expired before it could run")
+        loras = []
+        for name, weight in spec.loras:
+            found = self._loras.find(name) if self._loras is not None else None
+            if found is None:
+                raise RequestError(ErrorCode.UNKNOWN_LORA, f"the LoRA {name} is gone")
+            loras.append((name, str(found.path), weight))
+        return tuple(loras)
 
     async def _succeed(self, job: Job, finished: Finished, queue_wait: float) -> None:
         spec = job.spec

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent.jobs.model_choice import ModelChoice
 from agent.jobs.requests import parse_generate
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def fingerprint(payload: bytes) -> str:
 class JobService:
     """Jobs as the HTTP APIs see them."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the parts the HTTP APIs reach jobs through
         self,
         *,
         settings: Settings,
@@ -43,9 +44,11 @@ class JobService:
         journal: Journal,
         runner: Runner,
         outbox: Outbox,
+        choice: ModelChoice | None = None,
     ) -> None:
-        """Create the service over the agent's parts."""
+        """Create the service over the agent's parts; ``choice``: the models and LoRA styles."""
         self.settings = settings
+        self.choice = choice or ModelChoice.of(settings)
         self._admission = admission
         self._journal = journal
         self._runner = runner
@@ -67,7 +70,7 @@ class JobService:
             RequestError: The request is refused; already counted.
         """
         spec = await self.submit(
-            lambda: parse_generate(payload, self.settings),
+            lambda: parse_generate(payload, self.settings, choice=self.choice),
             fingerprint=fingerprint(payload),
             api="web",
         )

@@ -153,6 +153,28 @@ class WorkerLink:
         """The current (or last) worker's peak resident memory, as last read."""
 
     @property
+    def model_name(self) -> str:
+        """Return the short name of the model this link loads (or has loaded)."""
+        return self._config.pipeline.name
+
+    @property
+    def model_source(self) -> str:
+        """Return the hub id or folder of the model this link loads (or has loaded)."""
+        return self._config.pipeline.model
+
+    async def switch(self, config: WorkerConfig) -> None:
+        """Stop the worker, then start one that loads ``config``'s model.
+
+        The old worker exits, and its memory with it, before the new one starts: a small board
+        never holds two models. :meth:`wait_ready` says how the load went.
+        """
+        await self.stop()
+        self._config = config
+        self._load_failures = 0
+        self.last_error = None
+        self.start()
+
+    @property
     def pid(self) -> int | None:
         """Return the worker's process id, while one runs."""
         return self._process.pid if self._process is not None else None

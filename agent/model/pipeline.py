@@ -20,8 +20,10 @@ from diffusers import AutoencoderTiny, AutoPipelineForImage2Image, AutoPipelineF
 
 from agent.machine.memory import memory_limit, return_free_memory
 from agent.model.encode_cache import EncodeCache
+from agent.model.family import choose_tiny_decoder, read_family
 from agent.model.fused import fuse_relu_convolutions
 from agent.model.half_probe import half_compute_speedup
+from agent.model.lora import LoraSet, lora_file
 from agent.model.pages import MappedPages
 from agent.model.placing import WeightPlan, place_pipeline_weights
 from agent.model.precision import (
@@ -81,11 +83,7 @@ class Text2Image:
         )
         extra: dict[str, Any] = {}
         levers = [dtype_name(self.dtype)]
-        if options.tiny_vae:
-            # Loaded first and handed in, so the full VAE is never loaded at all.
-            extra["vae"] = AutoencoderTiny.from_pretrained(
-                options.tiny_vae, torch_dtype=self.dtype, use_safetensors=True
-            )
+        if self._load_tiny_decoder(options, extra):
             levers.append("tiny-vae")
         variant = choose_variant(options.variant, options.model)
         # safetensors only and no remote code: a model folder can never run code of its own.
@@ -149,6 +147,8 @@ class Text2Image:
                 pages.mark_cold(encoder_files)
             return result
 
+        if self._styles(options):
+            levers.append("base-lora")
         # The pipeline calls self.encode_prompt, so an instance attribute wraps it in place.
         self._pipeline.encode_prompt = timed_encode_prompt
         self._image2image = self._image_to_image(timed_encode_prompt)
@@ -172,7 +172,50 @@ class Text2Image:
             mapped_bytes=placement.mapped,
             copied_bytes=placement.copied,
             warmup_size=warmed_size,
+            name=options.name,
         )
+
+    def _styles(self, options: PipelineOptions) -> bool:
+        """Make the LoRA set; put on the model's own LoRA and timestep spacing, where named.
+
+        SDXL-Lightning and Hyper-SD ship as a LoRA over SDXL's base model, made for trailing
+        timesteps where the base model's scheduler leads. Prompt embeddings made under other
+        LoRA styles are stale (a LoRA may adapt the text encoders): the prompt cache starts
+        again whenever the styles change.
+
+        Returns:
+            Whether a LoRA is always on.
+        """
+        self.loras = LoraSet(self._pipeline, self.prompt_cache.clear)
+        if options.timestep_spacing:
+            scheduler = self._pipeline.scheduler
+            self._pipeline.scheduler = type(scheduler).from_config(
+                scheduler.config, timestep_spacing=options.timestep_spacing
+            )
+        if not options.base_lora:
+            return False
+        self.loras.permanent = (("base", lora_file(options.base_lora), 1.0),)
+        self.loras.apply(())
+        return True
+
+    def _load_tiny_decoder(self, options: PipelineOptions, extra: dict[str, Any]) -> bool:
+        """Read the model's family; load the tiny decoder that matches it into ``extra["vae"]``.
+
+        Loaded first and handed to the pipeline, so the full VAE is never loaded at all.
+
+        Returns:
+            Whether one was loaded (not where the setting is empty or the model's own is tiny).
+        """
+        self.family = read_family(options.model)
+        tiny_decoder, note = choose_tiny_decoder(options.tiny_vae, self.family)
+        if note:
+            log.info("%s", note)
+        if not tiny_decoder:
+            return False
+        extra["vae"] = AutoencoderTiny.from_pretrained(
+            tiny_decoder, torch_dtype=self.dtype, use_safetensors=True
+        )
+        return True
 
     def _image_to_image(self, encode_prompt: Callable[..., Any]) -> Any:  # noqa: ANN401 - diffusers' pipeline
         """Return the image-to-image pipeline over the same components (no weight copied).
@@ -190,11 +233,13 @@ class Text2Image:
     def _fuse_decoder(self, options: PipelineOptions, *, channels_last: bool) -> bool:
         """Fold the tiny decoder's ReLUs and residual sums into its convolutions where it pays.
 
+        The decoder may be the one handed in or the model's own (SDXS-512's): the same layers.
+
         Returns:
             Whether any were folded.
         """
         return bool(
-            options.tiny_vae
+            isinstance(self._pipeline.vae, AutoencoderTiny)
             and fuses_decoder(
                 options.fused_decoder, self.device, self.dtype, channels_last=channels_last
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,11 +42,15 @@ class PromptCache:
         "do_classifier_free_guidance",
         "num_images_per_prompt",
         "clip_skip",
+        "lora_scale",
     )
 
     def __init__(self, encode: Callable[..., Any], size: int) -> None:
         """Wrap ``encode`` with a cache of ``size`` entries."""
         self._encode = encode
+        # SD 1.x/2.x's pipeline passes its first arguments by position, SDXL's by name: bound
+        # to their names, both key the cache alike.
+        self._signature = inspect.signature(encode)
         self._size = size
         self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.hits = 0
@@ -53,12 +58,17 @@ class PromptCache:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - encode_prompt's own
         """Return cached embeddings for a prompt seen before, else encode and remember them."""
-        given_embeddings = any(
-            kwargs.get(name) is not None for name in kwargs if name.endswith("_embeds")
+        try:
+            named = self._signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            named = None
+        given_embeddings = named is not None and any(
+            value is not None for name, value in named.items() if name.endswith("_embeds")
         )
-        if args or given_embeddings or self._size == 0:
+        if named is None or given_embeddings or self._size == 0:
             self.last_hit = False
             return self._encode(*args, **kwargs)
+        kwargs = dict(named)
         key = tuple(kwargs.get(name) for name in self.KEYS)
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -71,3 +81,7 @@ class PromptCache:
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return result
+
+    def clear(self) -> None:
+        """Forget every entry (the text encoders changed)."""
+        self._entries.clear()

@@ -19,6 +19,9 @@ class PipelineOptions:
     """How to load and run the pipeline (the worker's share of the settings)."""
 
     model: str
+    """Hub id or folder."""
+    name: str = ""
+    """The model's short name (:class:`agent.model.catalog.Catalog`)."""
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
@@ -36,6 +39,10 @@ class PipelineOptions:
     default_size: tuple[int, int] = (512, 512)
     """The width and height of a request that names none."""
     prompt_cache_size: int = 16
+    base_lora: str = ""
+    """A LoRA always on (a distillation LoRA over a base model): a file or owner/repo/file."""
+    timestep_spacing: str = ""
+    """The scheduler's timestep spacing, where it differs from the model's config."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PipelineOptions:
@@ -112,6 +119,8 @@ class GenerateJob:
     width x height); None for text-to-image."""
     strength: float | None = None
     """How far the picture may change (0.01 <= s <= 1); None for text-to-image."""
+    loras: tuple[tuple[str, str, float], ...] = ()
+    """LoRA styles: (name, file, weight) each; none turns every loaded one off."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,8 @@ class Ready:
     """Weights converted into the worker's own memory (float32 norms and embeddings, say)."""
     warmup_size: tuple[int, int] | None = None
     """The width and height of the warm-up image; None where there was no warm-up."""
+    name: str = ""
+    """The model's short name."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,8 @@ class Failed:
 
     job_id: str
     message: str
+    code: str = "generation_failed"
+    """The reply's error code (``bad_lora`` for a LoRA that cannot be applied)."""
 
 
 @dataclass(frozen=True)

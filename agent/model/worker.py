@@ -60,6 +60,7 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
     configure_logging(config.log_level, worker=True)
     # Imported here so that only this process pays for (and can be killed by) torch.
     from agent.images import encode_image  # noqa: PLC0415
+    from agent.model.lora import LoraError  # noqa: PLC0415
     from agent.model.pipeline import JobCancelledError, Text2Image  # noqa: PLC0415
     from agent.model.weight_store import WeightsNotStoredError  # noqa: PLC0415
 
@@ -88,6 +89,12 @@ def worker_main(connection: Connection, cancel: Event, config: WorkerConfig) -> 
         if not isinstance(command, GenerateJob):
             return  # Stop
         job_id = command.id
+        try:
+            model.loras.apply(command.loras)
+        except LoraError as exc:
+            log.warning("job %s: %s", job_id, exc)
+            connection.send(Failed(job_id, str(exc), code="bad_lora"))
+            continue
         try:
             init_image = _init_image(command.init_image)
             image, timings = model.generate(

@@ -8,6 +8,7 @@ Home Assistant release with the MQTT ``image`` platform understands. All entitie
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,9 +16,14 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.images import CONTENT_TYPES, EXTENSIONS
 from agent.metrics import STATES
+from agent.mqtt.link import MqttError
+from agent.mqtt.topics import Topics
 
 if TYPE_CHECKING:
-    from agent.mqtt.topics import Topics
+    from agent.mqtt.link import MqttLink
+    from agent.settings import Settings
+
+log = logging.getLogger(__name__)
 
 ORIGIN = {"name": "edgeai-agent", "sw_version": __version__}
 TEXT_MAX_CHARS = 255
@@ -56,6 +62,7 @@ def announcements(  # noqa: PLR0913 - each value lands in the configs
     model: str,
     image_format: str,
     configuration_url: str,
+    models: list[str] | None = None,
 ) -> list[Announcement]:
     """Return the discovery messages of every entity.
 
@@ -66,6 +73,8 @@ def announcements(  # noqa: PLR0913 - each value lands in the configs
         model: The model id, shown on the device.
         image_format: The default image format, for the image entity's content type.
         configuration_url: Where the device page links to (the agent's HTTP server).
+        models: The installed models' names, the select's options (the default model is its
+            state); None: just ``model``.
     """
     device = device_block(node_id, model, configuration_url)
     shared = {
@@ -97,6 +106,18 @@ def announcements(  # noqa: PLR0913 - each value lands in the configs
                 "command_topic": topics.generate,
                 "max": TEXT_MAX_CHARS,
                 "icon": "mdi:draw",
+            },
+        ),
+        (
+            "select",
+            "model",
+            {
+                "name": "Model",
+                "command_topic": topics.model_set,
+                "state_topic": topics.models,
+                "value_template": "{{ value_json.default }}",
+                "options": models or [model],
+                "icon": "mdi:palette-swatch-variant",
             },
         ),
         (
@@ -198,3 +219,26 @@ def entity_id(component: str, node_id: str, name: str) -> str:
     return f"{component}." + re.sub(r"[^a-z0-9]+", "_", f"edgeai {node_id} {name}".lower()).strip(
         "_"
     )
+
+
+def publish_all(
+    link: MqttLink, settings: Settings, *, models: list[str], configuration_url: str
+) -> None:
+    """Publish every entity's retained discovery config (empty ones when discovery is off).
+
+    Empty retained configs remove the entities from Home Assistant.
+    """
+    for announcement in announcements(
+        prefix=settings.discovery_prefix,
+        node_id=settings.node_id,
+        topics=Topics(settings.base_topic),
+        model=settings.model,
+        image_format=settings.default_format,
+        configuration_url=configuration_url,
+        models=models,
+    ):
+        payload = announcement.payload() if settings.discovery else ""
+        try:
+            link.publish(announcement.topic, payload, retain=True)
+        except MqttError:
+            log.exception("cannot publish discovery")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.client import topic_matches_sub
 
 from agent.jobs.errors import ErrorCode, RequestError
+from agent.jobs.model_choice import ModelChoice
 from agent.jobs.requests import MAX_SEED, parse_cancel, parse_generate, readable_id
 from agent.mqtt.link import Acknowledgement
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from agent.settings import Settings
 
 log = logging.getLogger(__name__)
+
+MAX_MODEL_NAME_BYTES = 1000
+"""A model name is at most 64 characters (a source, longer): the rest of a payload is not read."""
 
 
 def request_fingerprint(message: Inbound) -> str:
@@ -61,11 +65,19 @@ class Background:
 class Requests:
     """Admits MQTT requests and answers refusals on the contract's topics."""
 
-    def __init__(self, *, settings: Settings, admission: Admission, outbox: Outbox) -> None:
-        """Create the request side of the routes."""
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        admission: Admission,
+        outbox: Outbox,
+        choice: ModelChoice | None = None,
+    ) -> None:
+        """Create the request side of the routes; ``choice``: the models and LoRA styles."""
         self.settings = settings
         self.admission = admission
         self.outbox = outbox
+        self.choice = choice or ModelChoice.of(settings)
 
     def admit(
         self,
@@ -101,6 +113,7 @@ class Requests:
             self.settings,
             response_topic=message.response_topic,
             correlation_data=message.correlation_data,
+            choice=self.choice,
         )
         return dataclasses.replace(spec, **fields) if fields else spec
 
@@ -151,6 +164,7 @@ class MqttRoutes:
             topics.generate: self.generate,
             topics.regenerate: self.regenerate,
             topics.cancel: self.cancel,
+            topics.model_set: self.set_model,
             f"{settings.discovery_prefix}/status": self.home_assistant_status,
         }
         self.watched: dict[str, Callable[[Inbound], None]] = {}
@@ -219,6 +233,19 @@ class MqttRoutes:
             init_image="",  # its picture is stored anew for the new job
         )
         self._requests.admit(message, ack, lambda: again, api="mqtt")
+
+    def set_model(self, message: Inbound, ack: Acknowledgement) -> None:
+        """``<base>/model/set``: an installed model's name becomes the default (the select)."""
+        wanted = message.payload[:MAX_MODEL_NAME_BYTES].decode("utf-8", "replace").strip()
+        if self._requests.choice.catalog.choose(wanted) is None:
+            names = ", ".join(self._requests.choice.catalog.names)
+            error = RequestError(
+                ErrorCode.UNKNOWN_MODEL,
+                f"no model {wanted[:64]!r} is installed; installed: {names}",
+                field="model",
+            )
+            self._requests.refuse(error, message, "mqtt")
+        ack()
 
     def cancel(self, message: Inbound, ack: Acknowledgement) -> None:
         """``<base>/cancel``: ``{"id": ...}`` of a queued or running job.

@@ -30,6 +30,21 @@ class Topics:
         return f"{self.base}/regenerate"
 
     @property
+    def model_set(self) -> str:
+        """A model's name here makes it the default (Home Assistant's select)."""
+        return f"{self.base}/model/set"
+
+    @property
+    def models(self) -> str:
+        """Retained JSON: the installed models and the default."""
+        return f"{self.base}/models"
+
+    @property
+    def loras(self) -> str:
+        """Retained JSON: the LoRA styles in the folder."""
+        return f"{self.base}/loras"
+
+    @property
     def availability(self) -> str:
         """Retained ``online`` / ``offline``; the last will."""
         return f"{self.base}/availability"

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A model's or a LoRA's short name: what requests, lists and Home Assistant's select show."""
+
+
+class ModelEntry(BaseModel):
+    """One installed model: where it loads from and what differs from the agent's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="Hugging Face hub id or local folder.")
+    steps: int | None = Field(
+        default=None, ge=1, le=50, description="Its denoising steps when a request names none."
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=30, description="Its guidance scale when a request names none."
+    )
+    tiny_vae: str = Field(
+        default="auto", description="Its tiny decoder, as the tiny_vae setting (auto: by family)."
+    )
+    lora: str = Field(
+        default="",
+        description="A LoRA always on for this model, loaded with it: a distillation LoRA "
+        "(SDXL-Lightning, Hyper-SD) over a base model; a file, or a hub file as "
+        "owner/repo/file.safetensors.",
+    )
+    timestep_spacing: Literal["", "leading", "trailing"] = Field(
+        default="",
+        description="Its scheduler's timestep spacing, where the model's own config is not "
+        "what its distillation wants (SDXL-Lightning and Hyper-SD want trailing).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_source(cls, value: Any) -> Any:  # noqa: ANN401 - pydantic's hook
+        """Take a bare string as the source: ``{"sd-turbo": "stabilityai/sd-turbo"}``."""
+        return {"source": value} if isinstance(value, str) else value
 
 
 class ModelSettings(BaseModel):
@@ -16,7 +55,21 @@ class ModelSettings(BaseModel):
     # --- model and worker
     model: str = Field(
         default="stabilityai/sdxl-turbo",
-        description="Hugging Face hub id or local folder of the text-to-image pipeline.",
+        description="The model loaded at start and used by requests that name none: a name "
+        "from models, or a Hugging Face hub id or local folder of a text-to-image pipeline (SDXL "
+        "or Stable Diffusion 1.x/2.x: SDXL-Turbo, SD-Turbo, SDXS-512, ...).",
+    )
+    models: dict[str, ModelEntry] = Field(
+        default_factory=dict,
+        description="Installed models a request may name, by short name: a JSON object of "
+        'name to hub id or folder, or to {"source", "steps", "guidance_scale", "tiny_vae", '
+        '"lora", "timestep_spacing"}. '
+        "One is resident at a time: a request for another unloads it, then loads that one.",
+    )
+    lora_dir: Path | None = Field(
+        default=None,
+        description="Folder of LoRA styles (name.safetensors) requests may apply by name; "
+        "unset: <state_dir>/loras.",
     )
     model_variant: str = Field(
         default="auto",
@@ -35,9 +88,11 @@ class ModelSettings(BaseModel):
         "1.25x faster than float32; elsewhere float32 at once.",
     )
     tiny_vae: str = Field(
-        default="madebyollin/taesdxl",
-        description="Hub id or folder of a tiny decoder (AutoencoderTiny, TAESDXL) used instead "
-        "of the model's VAE: decoding is many times faster; empty uses the model's VAE.",
+        default="auto",
+        description="Hub id or folder of a tiny decoder (AutoencoderTiny) used instead of the "
+        "model's VAE: decoding is many times faster. auto takes the one that matches the "
+        "model's family (TAESDXL for SDXL, TAESD for SD 1.x/2.x; none where the model's own is "
+        "tiny); empty uses the model's VAE.",
     )
     half_weights: Literal["auto", "on", "off"] = Field(
         default="auto",

@@ -4,8 +4,9 @@ What Open WebUI's "Automatic1111" engine sends (read from its source: ``prompt``
 ``batch_size``, ``width``, ``height``, ``steps``, ``negative_prompt``, with HTTP Basic when
 ``AUTOMATIC1111_API_AUTH`` is set) and what it reads back (``images`` as bare base64 PNG,
 ``info``). Like AUTOMATIC1111 itself, fields it does not know (samplers, hires fix, scripts) are
-accepted and ignored. Switching models is not supported: ``POST /sdapi/v1/options`` is accepted,
-and its answer says so.
+accepted and ignored. The checkpoints are the installed models: ``POST /sdapi/v1/options``
+(``sd_model_checkpoint``) chooses the default, ``override_settings`` one request's;
+``<lora:name:weight>`` in a prompt applies a LoRA style (``GET /sdapi/v1/loras`` lists them).
 
 ``/sdapi/v1/img2img`` takes AUTOMATIC1111's own fields: ``init_images`` (base64, data URLs too;
 the first is used), ``denoising_strength`` (its default, 0.75, as in AUTOMATIC1111), and the
@@ -15,24 +16,30 @@ txt2img fields; a ``mask`` is refused (inpainting is not built).
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import time
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from agent.jobs.errors import RequestError
 from agent.jobs.requests import MAX_SEED
+from agent.web.a1111_models import (
+    checkpoint_name,
+    model_hash,
+    prompt_loras,
+    sd_loras,
+    sd_models,
+    title,
+)
 from agent.web.generation import ApiError, Generation, parse_body
 from agent.web.routing import Access, Body, Request, Response, Routes, json_body
 
 if TYPE_CHECKING:
     from agent.jobs.service import JobService
+    from agent.model.catalog import InstalledModel
 
 Form = TypeVar("Form", bound="Txt2ImgRequest")
-NOT_SWITCHING = "switching models is not supported: this agent serves {model}"
 
 
 class A1111Errors:
@@ -60,6 +67,13 @@ class Txt2ImgRequest(BaseModel):
     seed: int = -1
     batch_size: int = 1
     n_iter: int = 1
+    override_settings: dict[str, Any] | None = None
+    """AUTOMATIC1111's settings for this request alone: ``sd_model_checkpoint`` is used."""
+
+    def checkpoint(self) -> str | None:
+        """Return the model ``override_settings`` names for this request, if it names one."""
+        wanted = (self.override_settings or {}).get("sd_model_checkpoint")
+        return checkpoint_name(wanted) if isinstance(wanted, str) and wanted else None
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -78,14 +92,7 @@ class A1111Api:
         self._generation = generation
         self._jobs = jobs
         self._errors = A1111Errors()
-        model = generation.settings.model
-        self.model_name = PurePosixPath(model.rstrip("/")).name or model
-        self.model_hash = hashlib.sha256(model.encode()).hexdigest()[:10]
-
-    @property
-    def title(self) -> str:
-        """Return the checkpoint's title, as AUTOMATIC1111 names one: ``name [hash]``."""
-        return f"{self.model_name} [{self.model_hash}]"
+        self._choice = generation.choice
 
     def register(self, routes: Routes) -> None:
         """Add the routes (a token, when set, is needed for every one, as with ``--api-auth``)."""
@@ -94,6 +101,7 @@ class A1111Api:
             ("GET", "/sdapi/v1/options", self.options),
             ("POST", "/sdapi/v1/options", self.set_options),
             ("GET", "/sdapi/v1/sd-models", self.sd_models),
+            ("GET", "/sdapi/v1/loras", self.loras),
             ("GET", "/sdapi/v1/progress", self.progress),
             ("POST", "/sdapi/v1/interrupt", self.interrupt),
         ):
@@ -107,46 +115,40 @@ class A1111Api:
             body=Body(pictures=True),
         )
 
+    def _default(self) -> InstalledModel:
+        return self._choice.model(None)
+
     async def options(self, _request: Request) -> Response:
-        """``GET /sdapi/v1/options``: the checkpoint in use."""
+        """``GET /sdapi/v1/options``: the checkpoint requests get when they name none."""
+        model = self._default()
         return Response.json(
-            200, {"sd_model_checkpoint": self.title, "sd_checkpoint_hash": self.model_hash}
+            200, {"sd_model_checkpoint": title(model), "sd_checkpoint_hash": model_hash(model)}
         )
 
     async def set_options(self, request: Request) -> Response:
-        """``POST /sdapi/v1/options``: accepted; a different checkpoint is not loaded."""
+        """``POST /sdapi/v1/options``: ``sd_model_checkpoint`` chooses the default model.
+
+        It is loaded ahead when nothing waits; the other options are accepted and ignored.
+        """
         try:
             options = json_body(request)
         except RequestError as exc:
             return self._errors.error(400, exc.code.value, exc.message)
         wanted = options.get("sd_model_checkpoint") if isinstance(options, dict) else None
-        note = NOT_SWITCHING.format(model=self.title)
-        return Response.json(
-            200,
-            {
-                "accepted": True,
-                "sd_model_checkpoint": self.title,
-                "switched": False,
-                "note": note if wanted not in (None, self.title) else None,
-            },
-        )
+        chosen = checkpoint_name(wanted) if isinstance(wanted, str) and wanted else None
+        if chosen is not None and self._choice.catalog.choose(chosen) is None:
+            names = ", ".join(title(model) for model in self._choice.catalog)
+            message = f"no checkpoint {str(wanted)[:80]!r}; installed: {names}"
+            return self._errors.error(400, "unknown_model", message, "sd_model_checkpoint")
+        return Response.json(200, {"sd_model_checkpoint": title(self._default())})
 
     async def sd_models(self, _request: Request) -> Response:
-        """``GET /sdapi/v1/sd-models``: the one checkpoint."""
-        model = self._generation.settings.model
-        return Response.json(
-            200,
-            [
-                {
-                    "title": self.title,
-                    "model_name": self.model_name,
-                    "hash": self.model_hash,
-                    "sha256": None,
-                    "filename": model,
-                    "config": None,
-                }
-            ],
-        )
+        """``GET /sdapi/v1/sd-models``: the installed models."""
+        return Response.json(200, sd_models(self._choice))
+
+    async def loras(self, _request: Request) -> Response:
+        """``GET /sdapi/v1/loras``: the LoRA styles in the folder."""
+        return Response.json(200, sd_loras(self._choice))
 
     async def progress(self, _request: Request) -> Response:
         """``GET /sdapi/v1/progress``: how far the running job is, as clients poll it."""
@@ -202,8 +204,11 @@ class A1111Api:
         try:
             count = body.batch_size * body.n_iter
             self._generation.check_count(count, "batch_size")
+            prompt, loras = prompt_loras(body.prompt)
             fields: dict[str, Any] = {
-                "prompt": body.prompt,
+                "prompt": prompt,
+                "loras": loras or None,
+                "model": body.checkpoint(),
                 "negative_prompt": body.negative_prompt,
                 "width": body.width,
                 "height": body.height,
@@ -221,6 +226,7 @@ class A1111Api:
         except ApiError as exc:
             return self._error(exc)
         first = pictures[0].spec
+        drawn = self._choice.model(first.model)
         parameters = {
             **body.model_dump(exclude={"init_images"}),
             "seed": first.seed,
@@ -241,8 +247,8 @@ class A1111Api:
             "cfg_scale": first.guidance_scale,
             "batch_size": body.batch_size,
             "n_iter": body.n_iter,
-            "sd_model_name": self.model_name,
-            "sd_model_hash": self.model_hash,
+            "sd_model_name": drawn.name,
+            "sd_model_hash": model_hash(drawn),
             "job_ids": [picture.spec.id for picture in pictures],
         }
         if first.strength is not None:

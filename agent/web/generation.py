@@ -78,6 +78,7 @@ class Generation:
         """Generate through ``jobs``."""
         self.settings = settings
         self._jobs = jobs
+        self.choice = jobs.choice
 
     def check_count(self, count: int, param: str) -> None:
         """Refuse a request for more images than ``api_max_images``.
@@ -107,7 +108,7 @@ class Generation:
     def _parse(self, fields: dict[str, Any]) -> JobSpec:
         payload = json.dumps({**fields, "id": uuid.uuid4().hex}).encode()
         try:
-            return parse_generate(payload, self.settings)
+            return parse_generate(payload, self.settings, choice=self._jobs.choice)
         except RequestError as exc:
             raise ApiError.of(exc) from exc
 

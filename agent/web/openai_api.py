@@ -1,9 +1,11 @@
 """OpenAI's image API: ``POST /v1/images/generations``, ``/v1/images/edits``, ``GET /v1/models``.
 
 What Open WebUI, LibreChat, SillyTavern and any OpenAI SDK send, answered in OpenAI's own shapes,
-errors included (``{"error": {"message", "type", "param", "code"}}``). ``model`` may be anything:
-the loaded model answers. The agent's own fields (``seed``, ``steps``, ``negative_prompt``,
-``guidance_scale``, and ``strength`` for edits) ride along as extra body fields.
+errors included (``{"error": {"message", "type", "param", "code"}}``). ``model`` names an
+installed model (``GET /v1/models`` lists them); OpenAI's own names (``dall-e-3``,
+``gpt-image-1``), which clients send by default, get the default model. The agent's own fields
+(``seed``, ``steps``, ``negative_prompt``, ``guidance_scale``, ``loras``, and ``strength`` for
+edits) ride along as extra body fields.
 
 An edit is image-to-image: the uploaded ``image`` (the first, when several are sent as
 ``image[]``) is the picture to start from, the prompt says what to make of it. Inpainting is not
@@ -13,14 +15,22 @@ built, so a ``mask`` is refused rather than ignored.
 from __future__ import annotations
 
 import base64
+import json
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.jobs.errors import field_error
 from agent.web.generation import ApiError, Generation, Picture, parse_body, parse_size
 from agent.web.routing import Access, Body, Request, Response, Routes
+
+if TYPE_CHECKING:
+    from agent.jobs.model_choice import ModelChoice
+    from agent.model.catalog import InstalledModel
+
+OPENAI_MODEL_PREFIXES = ("dall-e-", "gpt-image-")
+"""OpenAI's own image models: clients send these by default, and get the default model."""
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests"}
 """OpenAI's ``type`` per status; the rest are ``server_error``."""
@@ -63,8 +73,10 @@ class OpenAIImageFields(BaseModel):
     steps: int | None = None
     negative_prompt: str | None = None
     guidance_scale: float | None = None
+    loras: list[dict[str, Any]] | str | None = None
+    """LoRA styles, ``[{"name", "weight"}]`` (JSON text in an edit's form)."""
 
-    def job_fields(self) -> dict[str, object]:
+    def job_fields(self, choice: ModelChoice) -> dict[str, object]:
         """Return the MQTT request's fields this body sets (the rest take their defaults)."""
         fields: dict[str, object] = {
             "prompt": self.prompt,
@@ -74,8 +86,34 @@ class OpenAIImageFields(BaseModel):
             "seed": self.seed,
             "format": self.output_format or "png",
             "output": "url",
+            "model": self._installed_model(choice),
+            "loras": self._loras(),
         }
         return {key: value for key, value in fields.items() if value is not None}
+
+    def _installed_model(self, choice: ModelChoice) -> str | None:
+        """Return the installed model ``model`` names; None for OpenAI's own names (the default).
+
+        Raises:
+            ApiError: It names neither an installed model nor one of OpenAI's.
+        """
+        if self.model is None or self.model.startswith(OPENAI_MODEL_PREFIXES):
+            return None
+        if choice.catalog.find(self.model) is None:
+            names = ", ".join(choice.catalog.names)
+            message = f"the model {self.model[:64]!r} does not exist; installed: {names}"
+            raise ApiError(400, "unknown_model", message, "model")
+        return self.model
+
+    def _loras(self) -> object:
+        """Return ``loras`` as the request's field: a form carries it as JSON text."""
+        if not isinstance(self.loras, str):
+            return self.loras
+        try:
+            return json.loads(self.loras)
+        except ValueError as exc:
+            message = 'loras is not JSON: send [{"name": ..., "weight": ...}]'
+            raise ApiError(400, "invalid_request", message, "loras") from exc
 
 
 class ImageRequest(OpenAIImageFields):
@@ -104,6 +142,7 @@ class OpenAIApi:
     def __init__(self, generation: Generation) -> None:
         """Answer through ``generation``."""
         self._generation = generation
+        self._catalog = generation.choice.catalog
         self._errors = OpenAIErrors()
 
     def register(self, routes: Routes) -> None:
@@ -125,28 +164,38 @@ class OpenAIApi:
             body=Body(pictures=True, multipart=True),
         )
 
-    def _model_entry(self) -> dict[str, object]:
+    def _model_entry(self, model: InstalledModel) -> dict[str, object]:
         return {
-            "id": self._generation.settings.model,
+            "id": model.name,
             "object": "model",
             "created": 0,
             "owned_by": "edgeai-agent",
+            "source": model.source,
+            "family": model.family.name if model.family else None,
+            "default": model.name == self._catalog.default,
         }
 
     async def models(self, _request: Request) -> Response:
-        """``GET /v1/models``: the one loaded model."""
-        return Response.json(200, {"object": "list", "data": [self._model_entry()]})
+        """``GET /v1/models``: the installed models, the default first."""
+        data = [self._model_entry(model) for model in self._catalog]
+        return Response.json(200, {"object": "list", "data": data})
 
     async def model(self, request: Request) -> Response:
-        """``GET /v1/models/<id>``: the loaded model, whatever id is asked for."""
-        del request
-        return Response.json(200, self._model_entry())
+        """``GET /v1/models/<id>``: an installed model (OpenAI's own names: the default)."""
+        wanted = request.params.get("model", "")
+        if wanted.startswith(OPENAI_MODEL_PREFIXES):
+            wanted = self._catalog.default
+        found = self._catalog.find(wanted)
+        if found is None:
+            message = f"the model {wanted[:64]!r} does not exist"
+            return self._errors.error(404, "model_not_found", message, "model")
+        return Response.json(200, self._model_entry(found))
 
     async def generate(self, request: Request) -> Response:
         """``POST /v1/images/generations``."""
         try:
             body = self._parse(request)
-            fields = body.job_fields()
+            fields = body.job_fields(self._generation.choice)
             fields["width"], fields["height"] = parse_size(body.size, self._generation.settings)
             pictures = await self._run(body, fields)
         except ApiError as exc:
@@ -164,7 +213,7 @@ class OpenAIApi:
         """``POST /v1/images/edits``: the uploaded picture restyled as the prompt says."""
         try:
             body, picture = self._parse_edit(request)
-            fields = body.job_fields()
+            fields = body.job_fields(self._generation.choice)
             fields["init_image"] = base64.b64encode(picture).decode("ascii")
             if body.strength is not None:
                 fields["strength"] = body.strength
@@ -224,7 +273,9 @@ def _images(pictures: list[Picture], response_format: str | None) -> Response:
         else:
             entry["b64_json"] = base64.b64encode(picture.data).decode("ascii")
         data.append(entry)
-    return Response.json(200, {"created": int(time.time()), "data": data})
+    # "model" is the agent's own: the installed model that drew them (OpenAI's has none).
+    answer = {"created": int(time.time()), "data": data, "model": pictures[0].spec.model}
+    return Response.json(200, answer)
 
 
 def _openai_param(param: str | None) -> str | None:

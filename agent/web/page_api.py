@@ -70,6 +70,7 @@ class PageApi:
             "POST", "/api/jobs", self.create, access=Access.TOKEN, shape=shape, body=pictures
         )
         routes.add("GET", "/api/images", self.gallery, access=Access.GALLERY, shape=shape)
+        routes.add("GET", "/api/choices", self.choices, access=Access.TOKEN, shape=shape)
         routes.add("GET", JOB, self.status, access=Access.TOKEN, shape=shape)
         routes.add("GET", JOB + "/events", self.stream, access=Access.TOKEN, shape=shape)
         routes.add("POST", JOB + "/cancel", self.cancel, access=Access.TOKEN, shape=shape)
@@ -101,6 +102,18 @@ class PageApi:
         if await self._jobs.cancel(job_id):
             return Response.json(202, {"id": job_id, "cancelling": True})
         return not_found_json(job_id)
+
+    async def choices(self, _request: Request) -> Response:
+        """``GET /api/choices``: the installed models (the default first) and the LoRA styles."""
+        choice = self._jobs.choice
+        return Response.json(
+            200,
+            {
+                "default": choice.catalog.default,
+                "models": choice.catalog.names,
+                "loras": [lora.name for lora in choice.loras.files()],
+            },
+        )
 
     async def gallery(self, _request: Request) -> Response:
         """``GET /api/images``: the newest images, newest first."""

@@ -26,6 +26,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,10 @@ CONFIGS = ROOT.parent / "shared" / "sdxl-turbo-config"
 CACHE = Path(os.environ.get("EDGEAI_BENCH_CACHE", Path.home() / ".cache" / "edgeai-bench"))
 MODEL = CACHE / "sdxl-turbo-random"
 TAESDXL = CACHE / "taesdxl-random"
+SD_TURBO = CACHE / "sd-turbo-random"
+"""SD-Turbo's architecture (SD 2.1's UNet, OpenCLIP ViT-H's text encoder, SD's VAE)."""
+LORAS = CACHE / "loras"
+"""A rank-16 LoRA over SDXL's attention layers, as style LoRAs are made (``style-sdxl``)."""
 OPEN_CLIP = "open_clip_torch==3.3.0"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 PROMPT = "a happy black dog, cartoon style, highly detailed"
@@ -55,7 +60,7 @@ CASES = {
 }
 
 
-# --- building the random-weight model -----------------------------------------------------
+# --- building the random-weight models ----------------------------------------------------
 def clip_vocabulary(folder: Path) -> None:
     """Write CLIP's vocab.json and merges.txt, rebuilt from open_clip's BPE file."""
     from tests.tiny_pipeline import write_bpe_files  # noqa: PLC0415
@@ -121,6 +126,87 @@ def build_model() -> None:
 
 
 # --- one case, in its own process ---------------------------------------------------------
+def build_sd_turbo_model() -> None:
+    """Build SD-Turbo's architecture with random weights; save it as float16 safetensors.
+
+    The UNet is SD 2.1's shape as ``sd-turbo/SOURCES.md`` gives it (its config file was not
+    recovered), the text encoder and scheduler are SD-Turbo's own configs, the VAE is SD's
+    standard one, the tokenizer is SDXL's second (the same OpenCLIP vocabulary, pad ``!``).
+    """
+    import torch  # noqa: PLC0415
+    from diffusers import (  # noqa: PLC0415
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    sd = CONFIGS / "sd-turbo"
+    pipeline = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+        ),
+        vae=AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+            scaling_factor=0.18215,
+        ),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(sd / "text_encoder/config.json")),
+        tokenizer=CLIPTokenizer.from_pretrained(MODEL / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler.from_config(
+            EulerDiscreteScheduler.load_config(sd / "scheduler")
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(torch.float16)
+    pipeline.save_pretrained(SD_TURBO, safe_serialization=True)
+
+
+def build_lora() -> None:
+    """Write a rank-16 LoRA over SDXL-Turbo's attention projections (random, small weights)."""
+    import torch  # noqa: PLC0415
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model_state_dict  # noqa: PLC0415
+
+    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet", torch_dtype=torch.float16)
+    torch.manual_seed(0)
+    unet.add_adapter(
+        LoraConfig(r=16, lora_alpha=16, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.01)
+    with tempfile.TemporaryDirectory() as folder:
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+        )
+        LORAS.mkdir(parents=True, exist_ok=True)
+        shutil.move(
+            Path(folder) / "pytorch_lora_weights.safetensors", LORAS / "style-sdxl.safetensors"
+        )
+
+
+def build_missing() -> None:
+    """Build whichever random-weight model or LoRA the cache lacks."""
+    if not (MODEL / "model_index.json").exists() or not (TAESDXL / "config.json").exists():
+        build_model()
+    if not (SD_TURBO / "model_index.json").exists():
+        build_sd_turbo_model()
+    if not (LORAS / "style-sdxl.safetensors").exists():
+        build_lora()
+
+
 def peak_rss_gb() -> float:
     """Return this process's peak resident memory in GB (VmHWM).
 

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,15 @@ sys.path.insert(0, str(ROOT))
 
 import chart  # noqa: E402
 import machine  # noqa: E402
-from pipeline import MODEL, PROMPT, TAESDXL, build_model, case_in_fresh_process  # noqa: E402
+from pipeline import (  # noqa: E402
+    LORAS,
+    MODEL,
+    PROMPT,
+    SD_TURBO,
+    TAESDXL,
+    build_missing,
+    case_in_fresh_process,
+)
 
 from tests import cgroups  # noqa: E402
 from tests.conftest import AgentProcess, Broker, start_broker  # noqa: E402
@@ -81,6 +90,33 @@ class Case:
     restyle: bool = False
     """Image-to-image: each request starts from the same 512x512 JPEG, strength 0.5, 2 steps
     (one UNet evaluation, as text-to-image's 1 step)."""
+    model: str = "sdxl-turbo"
+    """The model: ``sdxl-turbo`` or ``sd-turbo`` (its architecture, random weights)."""
+    lora: bool = False
+    """Every request applies a rank-16 LoRA style (loaded at the first, kept after)."""
+    alternate: bool = False
+    """Both models installed, each request naming the other one: every job a switch."""
+
+    def model_env(self) -> dict[str, str]:
+        """Return the settings that install the case's model(s) and LoRA folder."""
+        env = {"EDGEAI_MODEL": str(SD_TURBO if self.model == "sd-turbo" else MODEL)}
+        if self.alternate:
+            models = {"sdxl-turbo": str(MODEL), "sd-turbo": str(SD_TURBO)}
+            env["EDGEAI_MODELS"] = json.dumps(models)
+        if self.lora:
+            env["EDGEAI_LORA_DIR"] = str(LORAS)
+        return env
+
+    def request_fields(self, index: int) -> dict[str, object]:
+        """Return what request ``index`` adds: its model, its LoRA, its picture."""
+        fields: dict[str, object] = {}
+        if self.alternate:
+            fields["model"] = ("sd-turbo", "sdxl-turbo")[index % 2]
+        if self.lora:
+            fields["loras"] = [{"name": "style-sdxl", "weight": 0.8}]
+        if self.restyle:
+            fields.update(init_image=restyled_picture(index), **RESTYLE)
+        return fields
 
 
 RESTYLE = {"strength": 0.5, "steps": 2}
@@ -217,6 +253,37 @@ LEVERS = {
 """Levers compared against c and e in the same interleaved run (allocators: Debian's
 libjemalloc2 and libtcmalloc-minimal4, preloaded into the agent and its worker)."""
 CASES.update(LEVERS)
+# Which model for which Pi: SD-Turbo against SDXL-Turbo on each path, a LoRA's cost, and a
+# switch between the two under a 4 GB Pi's memory.
+CASES.update(
+    {
+        "s": Case("SD-Turbo, default settings", model="sd-turbo", base="c"),
+        "se": Case(
+            "SD-Turbo, the Pi path: float32, float16 weights",
+            PI_PATH,
+            "float32",
+            model="sd-turbo",
+            base="e",
+        ),
+        "s4": Case(
+            "SD-Turbo, the Pi path as installed in a 4 GiB cgroup",
+            PI_AUTO,
+            "float32",
+            4,
+            model="sd-turbo",
+            base="a4",
+        ),
+        "cl": Case("a LoRA style (rank 16), default settings", lora=True, base="c"),
+        "el": Case("a LoRA style, the Pi path", PI_PATH, "float32", lora=True, base="e"),
+        "w4": Case(
+            "SDXL-Turbo and SD-Turbo in turn, a switch before each job, 4 GiB (a 4 GB Pi)",
+            PI_AUTO,
+            "float32",
+            4,
+            alternate=True,
+        ),
+    }
+)
 DEFAULT_CASES = "b,c,cu,cf,cw,d,e,e7,e4,a,a7,a4,a2"
 
 
@@ -251,6 +318,8 @@ def evict_model_files(*folders: Path) -> None:
     for path in (
         *MODEL.rglob("*"),
         *TAESDXL.rglob("*"),
+        *SD_TURBO.rglob("*"),
+        *LORAS.rglob("*"),
         *(p for f in folders for p in f.rglob("*")),
     ):
         if path.is_file():
@@ -277,7 +346,9 @@ def proc_values(pid: int) -> dict[str, float]:
 
 def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -> Sample:
     """Start the agent with the case's settings, send ``jobs`` requests, measure, stop it."""
-    env = {"EDGEAI_TORCH_THREADS": "0", "EDGEAI_TINY_VAE": str(TAESDXL), **case.env}
+    # SD-Turbo decodes with the same random tiny decoder: TAESD's architecture is TAESDXL's.
+    env = {"EDGEAI_TORCH_THREADS": "0", "EDGEAI_TINY_VAE": str(TAESDXL), **case.model_env()}
+    env.update(case.env)
     agent = AgentProcess(broker, MODEL, folder, env)
     cgroup = None
     if case.limit_gib is not None:
@@ -304,7 +375,7 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
                 "prompt": prompt,
                 "seed": index,
                 "output": "url",
-                **({"init_image": restyled_picture(index), **RESTYLE} if case.restyle else {}),
+                **case.request_fields(index),
             }
             read_before = proc_values(pid)["read_gb"]
             sent = time.monotonic()
@@ -328,6 +399,11 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
             "page_ins_gb": after["read_gb"] - before["read_gb"],
             "restarts": agent.metric("edgeai_worker_restarts_total") or 0.0,
         }
+        switches = [
+            float(s) for s in re.findall(r"model switched: \S+ -> \S+ in ([\d.]+) s", agent.log())
+        ]
+        if switches:
+            memory["switch_s"] = statistics.median(switches)
         if cgroup is not None:
             stat = cgroup.stat()
             memory["cgroup_anon_gib"] = stat.get("total_rss", stat.get("anon", 0)) / GIB
@@ -409,13 +485,18 @@ def summarize(case_id: str, case: Case, samples: list[Sample], flops: dict[str, 
     steady = [latency for sample in samples for latency in sample.latencies[1:]]
     if case.plain:  # every run of plain diffusers is warm (it had its own warm-up)
         steady = [latency for sample in samples for latency in sample.latencies]
+    # The counted GFLOP are SDXL-Turbo's: no share for another model, or for a switch per job.
+    counted = case.model == "sdxl-turbo" and not case.alternate
     image_shares = [
         image_gflop / latency / sample.rates[precision]
         for sample in samples
         for latency in (sample.latencies if case.plain else sample.latencies[1:])
+        if counted
     ]
     denoise_shares = [
-        flops["unet"] / sample.stages["denoising"] / sample.rates[precision] for sample in samples
+        flops["unet"] / sample.stages["denoising"] / sample.rates[precision]
+        for sample in samples
+        if counted
     ]
     firsts = [
         sample.latencies[0] / statistics.median(sample.latencies[1:])
@@ -437,9 +518,9 @@ def summarize(case_id: str, case: Case, samples: list[Sample], flops: dict[str, 
         "latency_median_s": statistics.median(steady),
         "first_job_over_median": statistics.median(firsts) if firsts else None,
         "stages_s": {key: median_of(key, "stages") for key in samples[0].stages},
-        "share_image_median": statistics.median(image_shares),
-        "share_image_max": max(image_shares),
-        "share_denoise_median": statistics.median(denoise_shares),
+        "share_image_median": median_or_none(image_shares),
+        "share_image_max": max(image_shares, default=None),
+        "share_denoise_median": median_or_none(denoise_shares),
         "load_s": statistics.median(sample.load_s for sample in samples[1:] or samples),
         "first_load_s": samples[0].load_s,
         "read_new_gb": median_or_none([read for sample in samples for read in sample.read_gb[1:]]),
@@ -454,6 +535,10 @@ def summarize(case_id: str, case: Case, samples: list[Sample], flops: dict[str, 
 def median_or_none(values: list[float]) -> float | None:
     """Return the median, or None for no values (plain diffusers reads nothing per job)."""
     return statistics.median(values) if values else None
+
+
+def share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def cell(value: float | None, digits: int = 2) -> str:
@@ -486,9 +571,9 @@ def print_table(rows: list[dict], rates: list[dict[str, float]], described: str)
             f" | {row['latency_median_s']:.2f} | {cell(row['first_job_over_median'])}"
             f" | {cell(stages.get('text_encoding'))} | {cell(stages.get('denoising'))}"
             f" | {cell(stages.get('decoding'))}"
-            f" | {row['share_image_median']:.0%} ({row['share_image_max']:.0%})"
+            f" | {share(row['share_image_median'])} ({share(row['share_image_max'])})"
             f" of {row['precision']}"
-            f" | {row['share_denoise_median']:.0%} | {row['load_s']:.0f}"
+            f" | {share(row['share_denoise_median'])} | {row['load_s']:.0f}"
             f" | {cell(memory.get('peak_gib'))} | {cell(anon)} | {cell(file_backed)}"
             f" | {cell(memory.get('page_ins_gb'))} | {cell(row.get('read_new_gb'))}"
             f" | {cell(row.get('read_repeat_gb'))} | {cell(memory.get('restarts'), 0)}"
@@ -577,8 +662,7 @@ def main() -> None:
     unknown = [case_id for case_id in chosen if case_id not in CASES]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; --cases list shows them")
-    if not (MODEL / "model_index.json").exists() or not (TAESDXL / "config.json").exists():
-        build_model()
+    build_missing()
     flops = machine.cached_flops()
     samples: dict[str, list[Sample]] = {case_id: [] for case_id in chosen}
     rates: list[dict[str, float]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from urllib.parse import urlsplit
@@ -272,3 +273,66 @@ async def test_an_announced_token_the_agent_refuses_is_said_at_the_confirmation(
     result = await hass.config_entries.flow.async_configure(result["flow_id"], {})
     assert result["type"] is FlowResultType.FORM
     assert result["errors"] == {"base": "invalid_auth"}
+
+
+MQTT_PORT = int(os.environ["EDGEAI_MQTT_PORT"])
+MQTT_PASSWORD = os.environ["EDGEAI_MQTT_PASSWORD"]
+NODE_ID = os.environ["EDGEAI_NODE_ID"]
+
+
+async def wait_for_state(hass, entity_id: str, wanted: str):
+    """Return the entity's state once it is ``wanted`` (30 s at most)."""
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                state = hass.states.get(entity_id)
+                if state is not None and state.state == wanted:
+                    return state
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"{entity_id} is {hass.states.get(entity_id)}, not {wanted}") from None
+
+
+async def test_the_model_select_changes_the_model_of_the_next_picture(hass, tmp_path):
+    # Home Assistant's own MQTT integration on the agent's broker, discovery on (it reads
+    # configuration.yaml for MQTT entities: an empty one, as a fresh install has).
+    hass.config.config_dir = str(tmp_path)
+    (tmp_path / "configuration.yaml").write_text("")
+    mqtt_entry = MockConfigEntry(
+        domain="mqtt",
+        data={
+            "broker": "127.0.0.1",
+            "port": MQTT_PORT,
+            "username": "edgeai-client",
+            "password": MQTT_PASSWORD,
+            "discovery": True,
+        },
+    )
+    mqtt_entry.add_to_hass(hass)
+    assert await hass.config_entries.async_setup(mqtt_entry.entry_id)
+    select_id = f"select.edgeai_{NODE_ID.replace('-', '_')}_model"
+    try:
+        state = await wait_for_state(hass, select_id, "tiny-xl")
+        assert state.attributes["options"] == ["tiny-xl", "tiny-sd"]
+        entity_id = await set_up(hass)
+        first = await generate_image(hass, entity_id, "before")
+        assert first["model"] == "tiny-xl"
+        await hass.services.async_call(
+            "select", "select_option", {"entity_id": select_id, "option": "tiny-sd"}, blocking=True
+        )
+        await wait_for_state(hass, select_id, "tiny-sd")  # the agent's retained answer
+        switched = await generate_image(hass, entity_id, "after")
+        assert switched["model"] == "tiny-sd"
+        await hass.services.async_call(
+            "select", "select_option", {"entity_id": select_id, "option": "tiny-xl"}, blocking=True
+        )
+        await wait_for_state(hass, select_id, "tiny-xl")
+    finally:
+        assert await hass.config_entries.async_unload(mqtt_entry.entry_id)
+        await hass.async_block_till_done()
+
+
+async def test_the_ai_task_entity_may_ask_for_an_installed_model(hass):
+    entity_id = await set_up(hass, image_model="tiny-sd")
+    result = await generate_image(hass, entity_id, "chosen")
+    assert result["model"] == "tiny-sd"

@@ -128,6 +128,8 @@ function request() {
   for (const id of ["width", "height"]) if ($(id).value !== "") body[id] = Number($(id).value);
   if ($("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value.trim();
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("model").value !== "") body.model = $("model").value;
+  if ($("lora").value !== "") body.loras = [{ name: $("lora").value, weight: Number($("lora_weight").value) }];
   if (initImage) {
     body.init_image = initImage;
     body.strength = Number($("strength").value);
@@ -264,7 +266,23 @@ async function loadGallery() {
   }
 }
 
+// The installed models (the default first, chosen) and the LoRA styles in the agent's folder.
+// Without the token yet (asked for at the first Generate), the agent's default model is used.
+async function loadChoices() {
+  $("model").replaceChildren(new Option("the agent's default", ""));
+  try {
+    const response = await fetch("api/choices", { headers: authorization() });
+    if (!response.ok) return;
+    const data = await response.json();
+    $("model").replaceChildren(...data.models.map((name) => new Option(name, name, false, name === data.default)));
+    $("lora").replaceChildren(new Option("none", ""), ...data.loras.map((name) => new Option(name, name)));
+  } catch (_) {
+    // The agent is away: the default model, no style.
+  }
+}
+
 fillSizes();
+loadChoices();
 $("request").addEventListener("submit", generate);
 $("init_image").addEventListener("change", () => choosePicture($("init_image").files[0]));
 $("picture-remove").addEventListener("click", removePicture);

@@ -17,7 +17,15 @@ from homeassistant.helpers.device_registry import DeviceInfo
 from PIL import Image
 
 from .client import AgentError
-from .const import CONF_MODEL, CONF_SIZE, CONF_STEPS, DEFAULT_SIZE, DEFAULT_STEPS, DOMAIN
+from .const import (
+    CONF_IMAGE_MODEL,
+    CONF_MODEL,
+    CONF_SIZE,
+    CONF_STEPS,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    DOMAIN,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -86,11 +94,12 @@ class EdgeAITaskEntity(ai_task.AITaskEntity):
         """Generate from the instructions alone, or restyle the first attached picture."""
         options = self._entry.options
         steps = int(options.get(CONF_STEPS, DEFAULT_STEPS))
+        model = options.get(CONF_IMAGE_MODEL) or None
         client = self._entry.runtime_data
         attachments = task.attachments or []
         if not attachments:
             return await client.generate(
-                task.instructions, options.get(CONF_SIZE, DEFAULT_SIZE), steps
+                task.instructions, options.get(CONF_SIZE, DEFAULT_SIZE), steps, model
             )
         first = attachments[0]
         if not first.mime_type.startswith("image/"):
@@ -106,7 +115,7 @@ class EdgeAITaskEntity(ai_task.AITaskEntity):
             )
         picture = await self.hass.async_add_executor_job(_read, first.path)
         return await client.edit(
-            task.instructions, picture, first.path.name, first.mime_type, steps
+            task.instructions, picture, first.path.name, first.mime_type, steps, model=model
         )
 
 

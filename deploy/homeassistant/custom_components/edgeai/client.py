@@ -61,25 +61,47 @@ class AgentClient:
         except (KeyError, IndexError, TypeError) as exc:
             raise AgentError(f"{self.url} does not answer like an edgeai agent") from exc
 
-    async def generate(self, prompt: str, size: str, steps: int) -> GeneratedImage:
-        """Generate one PNG image (OpenAI's ``images/generations``, base64 back)."""
-        body = await self._request(
-            "POST",
-            "/v1/images/generations",
-            {
-                "prompt": prompt,
-                "size": size,
-                "n": 1,
-                "response_format": "b64_json",
-                "output_format": "png",
-                "steps": steps,
-            },
-            REQUEST_TIMEOUT_S,
-        )
-        return await self._image(body)
+    async def models(self) -> list[str]:
+        """Return the names of the models installed on the agent, its default first.
 
-    async def edit(
-        self, prompt: str, picture: bytes, filename: str, mime_type: str, steps: int
+        Raises:
+            AgentError: The agent cannot be asked (unreachable, wrong token).
+        """
+        body = await self._request("GET", "/v1/models", None, CHECK_TIMEOUT_S)
+        try:
+            return [str(model["id"]) for model in body["data"]]
+        except (KeyError, TypeError) as exc:
+            raise AgentError(f"{self.url} does not answer like an edgeai agent") from exc
+
+    async def generate(
+        self, prompt: str, size: str, steps: int, model: str | None = None
+    ) -> GeneratedImage:
+        """Generate one PNG image (OpenAI's ``images/generations``, base64 back).
+
+        ``model``: an installed model's name; None: the agent's default.
+        """
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "size": size,
+            "n": 1,
+            "response_format": "b64_json",
+            "output_format": "png",
+            "steps": steps,
+        }
+        if model:
+            body["model"] = model
+        response = await self._request("POST", "/v1/images/generations", body, REQUEST_TIMEOUT_S)
+        return await self._image(response, model)
+
+    async def edit(  # noqa: PLR0913 - the picture's three facts, and the request's
+        self,
+        prompt: str,
+        picture: bytes,
+        filename: str,
+        mime_type: str,
+        steps: int,
+        *,
+        model: str | None = None,
     ) -> GeneratedImage:
         """Restyle a picture as the prompt says (OpenAI's ``images/edits``, base64 back).
 
@@ -93,16 +115,18 @@ class AgentClient:
             "response_format": "b64_json",
             "output_format": "png",
             "steps": str(steps),
+            **({"model": model} if model else {}),
         }.items():
             form.add_field(name, value)
         form.add_field("image", picture, filename=filename, content_type=mime_type)
         body = await self._request("POST", "/v1/images/edits", form, REQUEST_TIMEOUT_S)
-        return await self._image(body)
+        return await self._image(body, model)
 
-    async def _image(self, body: Any) -> GeneratedImage:  # noqa: ANN401 - the agent's JSON
+    async def _image(self, body: Any, model: str | None) -> GeneratedImage:  # noqa: ANN401 - the agent's JSON
+        """Return the picture of an answer, and the model that drew it (None: the default)."""
         item = body["data"][0]
-        model = await self.model()
-        return GeneratedImage(base64.b64decode(item["b64_json"]), model, item.get("revised_prompt"))
+        drawn = body.get("model") or model or await self.model()
+        return GeneratedImage(base64.b64decode(item["b64_json"]), drawn, item.get("revised_prompt"))
 
     async def _request(
         self,

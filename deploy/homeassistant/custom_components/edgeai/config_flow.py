@@ -22,6 +22,7 @@ from homeassistant.helpers.aiohttp_client import async_get_clientsession
 from .client import AgentClient, AgentError, CannotConnectError, InvalidAuthError
 from .const import (
     CONF_HOST,
+    CONF_IMAGE_MODEL,
     CONF_MODEL,
     CONF_PORT,
     CONF_SIZE,
@@ -133,20 +134,29 @@ class EdgeAIConfigFlow(ConfigFlow, domain=DOMAIN):
     @staticmethod
     @callback
     def async_get_options_flow(config_entry: ConfigEntry) -> OptionsFlow:
-        """Image size and steps."""
+        """The model, image size and steps."""
         return EdgeAIOptionsFlow()
 
 
 class EdgeAIOptionsFlow(OptionsFlow):
-    """The size and the steps every image is asked with."""
+    """The model, size and steps every image is asked with."""
 
     async def async_step_init(self, user_input: dict[str, Any] | None = None) -> ConfigFlowResult:
-        """One form: size (WIDTHxHEIGHT) and denoising steps."""
+        """One form: the model (the agent's installed ones), size (WIDTHxHEIGHT) and steps."""
         if user_input is not None:
             return self.async_create_entry(data=user_input)
         options = self.config_entry.options
+        try:
+            installed = await self.config_entry.runtime_data.models()
+        except AgentError:
+            installed = []  # the agent is away: its default, or the model chosen before
+        chosen = options.get(CONF_IMAGE_MODEL, "")
+        choices = {"": "The agent's default", **{name: name for name in installed}}
+        if chosen:
+            choices.setdefault(chosen, chosen)
         schema = vol.Schema(
             {
+                vol.Optional(CONF_IMAGE_MODEL, default=chosen): vol.In(choices),
                 vol.Required(CONF_SIZE, default=options.get(CONF_SIZE, DEFAULT_SIZE)): vol.Match(
                     SIZE_PATTERN
                 ),

@@ -13,6 +13,8 @@ CONF_TOKEN: Final = "token"  # noqa: S105 - a setting's name, not a secret
 CONF_MODEL: Final = "model"
 CONF_SIZE: Final = "size"
 CONF_STEPS: Final = "steps"
+CONF_IMAGE_MODEL: Final = "image_model"
+"""The installed model images are asked of; empty: the agent's default (its select)."""
 DEFAULT_SIZE: Final = "512x512"
 DEFAULT_STEPS: Final = 1
 MAX_STEPS: Final = 8
