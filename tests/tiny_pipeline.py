@@ -18,6 +18,18 @@ from typing import Any
 # A handful of merges is enough: the tokenizer falls back to single bytes for everything else.
 _MERGES = ("a p", "ap p", "l e</w>", "app le</w>", "r e", "d o", "do g</w>", "c a", "ca t</w>")
 _VOCAB_SIZE = 1000
+TINY_UNET = {
+    "layers_per_block": 1,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,  # as SDXL and SD 2.x have it
+    "norm_num_groups": 4,
+}
+"""What both families' tiny UNets share: two small blocks, 64x64 latents (512 pixels)."""
 TURBO_SCHEDULE = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -121,21 +133,13 @@ def build_tiny_pipeline(
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     unet = UNet2DConditionModel(
+        **TINY_UNET,
         block_out_channels=unet_channels,
-        layers_per_block=1,
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=6 * 8 + 32,
         cross_attention_dim=2 * text_width,  # the two encoders side by side
-        norm_num_groups=4,
     )
     vae = _tiny_vae()
     scheduler = EulerAncestralDiscreteScheduler(**TURBO_SCHEDULE)
@@ -200,17 +204,7 @@ def build_tiny_sd_pipeline(
         )
     )
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        cross_attention_dim=text_width,
-        norm_num_groups=4,
+        **TINY_UNET, block_out_channels=(8, 16), cross_attention_dim=text_width
     )
     vae = _tiny_decoder(seed=3) if tiny_decoder else _tiny_vae()
     scheduler = EulerDiscreteScheduler(**TURBO_SCHEDULE)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from diffusers.utils import logging as diffusers_logging
 
 if TYPE_CHECKING:
@@ -80,18 +81,28 @@ def adapter_name(name: str) -> str:
 class LoraSet:
     """The adapters loaded into one pipeline and the set that is on."""
 
-    def __init__(self, pipeline: Any, on_change: Callable[[], None]) -> None:  # noqa: ANN401 - diffusers' pipeline
+    def __init__(
+        self,
+        pipeline: Any,  # noqa: ANN401 - diffusers' pipeline
+        on_change: Callable[[], None],
+        compute: torch.dtype,
+    ) -> None:
         """Manage ``pipeline``'s adapters.
 
         Args:
             pipeline: The diffusers pipeline (image-to-image shares its modules).
             on_change: Runs when the set that is on changes: prompt embeddings computed under
                 another set are stale, since a LoRA may adapt the text encoders.
+            compute: The precision the layers compute in: the adapters' matrices are held in
+                it.
         """
         self._pipeline = pipeline
+        self._compute = compute
         self._on_change = on_change
         self._loaded: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
-        self._active: tuple[LoraUse, ...] = ()
+        self._active: tuple[LoraUse, ...] | None = ()
+        """The adapters on, as set last; None after a failed load (peft may have changed which
+        are on while it failed: set again at the next job)."""
         self.permanent: tuple[LoraUse, ...] = ()
         """Adapters on for every job (a model's distillation LoRA), before the job's own."""
 
@@ -130,7 +141,7 @@ class LoraSet:
             return
         if key in self._loaded:  # the file changed: load it again
             self._drop(key)
-        in_use = {adapter_name(active) for active, _path, _weight in self._active}
+        in_use = {adapter_name(active) for active, _path, _weight in self._active or ()}
         for old in [old for old in self._loaded if old not in in_use]:
             if len(self._loaded) < MAX_LOADED:
                 break
@@ -140,10 +151,27 @@ class LoraSet:
                 self._pipeline.load_lora_weights(path, adapter_name=key)
         except Exception as exc:
             self._forget_partial(key)
+            self._active = None
             reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             raise LoraError(f"LoRA {name} cannot be applied to this model: {reason}") from exc
+        self._in_compute_precision(key)
         self._loaded[key] = stamp
         log.info("LoRA %s loaded from %s", name, path)
+
+    def _in_compute_precision(self, key: str) -> None:
+        """Hold a new adapter's matrices in the precision the layers compute in.
+
+        peft casts a layer's input to its adapter's precision: an adapter left in its file's
+        float16 would send the Pi path's float32 activations through float16 arithmetic (many
+        times slower than float32 on a CPU without it).
+        """
+        marker = f".{key}."
+        for component in self._pipeline.components.values():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            for name, parameter in component.named_parameters():
+                if marker in name and parameter.dtype != self._compute:
+                    parameter.data = parameter.data.to(self._compute)
 
     def _drop(self, key: str) -> None:
         self._pipeline.delete_adapters(key)

@@ -186,7 +186,7 @@ class Text2Image:
         Returns:
             Whether a LoRA is always on.
         """
-        self.loras = LoraSet(self._pipeline, self.prompt_cache.clear)
+        self.loras = LoraSet(self._pipeline, self.prompt_cache.clear, self.dtype)
         if options.timestep_spacing:
             scheduler = self._pipeline.scheduler
             self._pipeline.scheduler = type(scheduler).from_config(

@@ -273,6 +273,14 @@ CASES.update(
             model="sd-turbo",
             base="a4",
         ),
+        "s2": Case(
+            "SD-Turbo, the Pi path as installed in a 2 GiB cgroup",
+            PI_AUTO,
+            "float32",
+            2,
+            model="sd-turbo",
+            base="a2",
+        ),
         "cl": Case("a LoRA style (rank 16), default settings", lora=True, base="c"),
         "el": Case("a LoRA style, the Pi path", PI_PATH, "float32", lora=True, base="e"),
         "w4": Case(
@@ -344,6 +352,11 @@ def proc_values(pid: int) -> dict[str, float]:
     return values
 
 
+def worker_pid(agent: AgentProcess) -> int:
+    """Return the pid of the agent's worker now (a model switch starts another)."""
+    return int(json.loads(agent.http_get("/healthz")[2])["worker_pid"])
+
+
 def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -> Sample:
     """Start the agent with the case's settings, send ``jobs`` requests, measure, stop it."""
     # SD-Turbo decodes with the same random tiny decoder: TAESD's architecture is TAESDXL's.
@@ -361,7 +374,7 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
         agent.start(wait=False)
         agent.wait_state("idle", timeout=900)
         load_s = time.monotonic() - begun
-        pid = int(json.loads(agent.http_get("/healthz")[2])["worker_pid"])
+        pid = worker_pid(agent)
         before = proc_values(pid)
         reads: list[float] = []
         repeat_read = None
@@ -382,7 +395,10 @@ def run_agent(case: Case, broker: Broker, folder: Path, jobs: int, label: str) -
             client.publish(f"{agent.base}/generate", json.dumps(request))
             result = client.wait_for(f"{agent.base}/result/{job_id}", timeout=900).json()
             latency = time.monotonic() - sent
-            read = proc_values(pid)["read_gb"] - read_before
+            if case.alternate:  # a switch started another worker: its reads are its load's
+                pid, before, read = worker_pid(agent), proc_values(worker_pid(agent)), 0.0
+            else:
+                read = proc_values(pid)["read_gb"] - read_before
             if result["status"] != "ok":
                 raise SystemExit(f"{label}: job failed: {result}\n{agent.log()[-3000:]}")
             if index == jobs:  # the repeated prompt: measured apart
