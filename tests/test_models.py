@@ -101,7 +101,7 @@ def test_the_installed_models_and_loras_are_listed_retained(models_agent, client
 
 
 def test_jobs_for_different_models_run_in_arrival_order(models_agent, client):
-    order = ["sd", "xl", "sd", "xl"]
+    order = ["sd", "xl", "sd"]
     ids = [f"order-{index}-{time.monotonic_ns()}" for index in range(len(order))]
     for job_id in ids:
         client.subscribe(f"{models_agent.base}/result/{job_id}")
@@ -200,12 +200,12 @@ def test_the_openai_client_chooses_a_model_and_a_lora(models_agent):
     listed = client.models.list()
     assert [model.id for model in listed.data] == ["xl", "sd", "sdxs", "xl-lightning"]
     fields = {"seed": 3, "steps": 1}
-    plain = client.images.generate(prompt="a cat", model="sd", size="64x64", extra_body=fields)
+    plain = client.images.generate(prompt="a cat", model="xl", size="64x64", extra_body=fields)
     styled = client.images.generate(
         prompt="a cat",
-        model="sd",
+        model="xl",
         size="64x64",
-        extra_body={**fields, "loras": [{"name": "style-sd", "weight": 1.0}]},
+        extra_body={**fields, "loras": [{"name": "style-xl", "weight": 1.0}]},
     )
     assert plain.data[0].b64_json != styled.data[0].b64_json
     # OpenAI's own model names mean the default; another name is an OpenAI error.
@@ -274,13 +274,33 @@ def test_an_automatic1111_client_chooses_a_checkpoint_and_a_lora(models_agent, c
 def test_a_distilled_model_is_its_base_with_its_lora_always_on(models_agent, client):
     lightning = draw(client, models_agent, model="xl-lightning")
     assert lightning["steps"] == 2  # its entry's default
-    by_hand = draw(client, models_agent, model="xl", steps=2, loras=[{"name": "style-xl"}])
-    assert picture(lightning) == picture(by_hand)
-    assert picture(lightning) != picture(draw(client, models_agent, model="xl", steps=2))
-    # A request's own style goes on top of it.
+    assert "base-lora" in models_agent.log()
+    # A request's own style goes on top of it, and off again.
     styled = draw(
         client, models_agent, model="xl-lightning", loras=[{"name": "style-xl", "weight": 0.5}]
     )
     assert picture(styled) != picture(lightning)
     assert picture(draw(client, models_agent, model="xl-lightning")) == picture(lightning)
-    assert "base-lora" in models_agent.log()
+    by_hand = draw(client, models_agent, model="xl", steps=2, loras=[{"name": "style-xl"}])
+    assert picture(lightning) == picture(by_hand)
+    assert picture(lightning) != picture(draw(client, models_agent, model="xl", steps=2))
+
+
+def test_the_sd_family_takes_the_prompt_cache_and_image_to_image(models_agent, client):
+    before = models_agent.metric("edgeai_prompt_cache_hits_total") or 0.0
+    first = draw(client, models_agent, model="sd", prompt="a quiet harbour at dawn")
+    again = draw(client, models_agent, model="sd", prompt="a quiet harbour at dawn")
+    assert picture(first) == picture(again)
+    assert models_agent.metric("edgeai_prompt_cache_hits_total") == before + 1
+    restyled = generate(
+        client,
+        models_agent,
+        model="sd",
+        init_image=base64.b64encode(picture(first)).decode("ascii"),
+        strength=0.5,
+        steps=2,
+        seed=3,
+    )
+    assert restyled["status"] == "ok", restyled
+    assert restyled["mode"] == "img2img"
+    assert (restyled["width"], restyled["height"]) == (64, 64)

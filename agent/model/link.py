@@ -165,10 +165,12 @@ class WorkerLink:
     async def switch(self, config: WorkerConfig) -> None:
         """Stop the worker, then start one that loads ``config``'s model.
 
-        The old worker exits, and its memory with it, before the new one starts: a small board
-        never holds two models. :meth:`wait_ready` says how the load went.
+        The old worker is killed, and its memory freed with it, before the new one starts: a
+        small board never holds two models. Between jobs it holds nothing to save (its weight
+        forms were written at its load), and a kill spares the interpreter's teardown of torch
+        (a second here, more on a Pi). :meth:`wait_ready` says how the load went.
         """
-        await self.stop()
+        await self.stop(at_once=True)
         self._config = config
         self._load_failures = 0
         self.last_error = None
