@@ -16,6 +16,7 @@ import pytest
 from agent.model.lora import LoraError
 from agent.model.pipeline import Text2Image
 from agent.model.protocol import PipelineOptions
+from tests.test_weight_forms import generate_image
 from tests.tiny_pipeline import build_tiny_sd_pipeline, write_tiny_lora
 
 
@@ -55,18 +56,7 @@ def test_a_lora_on_each_weight_form_changes_the_picture_and_leaves_no_trace(
     assert FORMS[form] in model.loaded.levers or model.loaded.dtype != "bfloat16"
 
     def draw() -> str:
-        image, _ = model.generate(
-            prompt="a red apple",
-            negative_prompt=None,
-            width=64,
-            height=64,
-            steps=1,
-            guidance_scale=0.0,
-            seed=1,
-            on_step=lambda _step, _steps: None,
-            cancelled=lambda: False,
-        )
-        return hashlib.sha256(image.tobytes()).hexdigest()
+        return hashlib.sha256(generate_image(model).tobytes()).hexdigest()
 
     style = (("style", loras["xl"], 1.0),)
     plain = draw()

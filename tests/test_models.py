@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
 
 from tests.conftest import AgentProcess, generate
+from tests.test_apis import call
 from tests.tiny_pipeline import build_tiny_sd_pipeline, write_tiny_lora
 
 
@@ -222,34 +221,20 @@ def test_the_openai_client_chooses_a_model_and_a_lora(models_agent):
     assert bad.value.body["code"] == "unknown_lora"
 
 
-def a1111(agent, method: str, path: str, body=None) -> tuple[int, object]:
-    request = urllib.request.Request(
-        agent.url + path,
-        data=json.dumps(body).encode() if body is not None else None,
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_an_automatic1111_client_chooses_a_checkpoint_and_a_lora(models_agent, client):
-    status, listed = a1111(models_agent, "GET", "/sdapi/v1/sd-models")
+    status, listed = call(models_agent, "GET", "/sdapi/v1/sd-models")
     assert status == 200
     titles = {model["model_name"]: model["title"] for model in listed}
     assert list(titles) == ["xl", "sd", "sdxs", "xl-lightning"]
-    status, loras = a1111(models_agent, "GET", "/sdapi/v1/loras")
+    status, loras = call(models_agent, "GET", "/sdapi/v1/loras")
     assert {"style-xl", "style-sd"} <= {lora["name"] for lora in loras}
     request = {"prompt": "a fox", "width": 64, "height": 64, "steps": 1, "seed": 5}
     over = {"override_settings": {"sd_model_checkpoint": titles["sd"]}}
-    status, plain = a1111(models_agent, "POST", "/sdapi/v1/txt2img", {**request, **over})
+    status, plain = call(models_agent, "POST", "/sdapi/v1/txt2img", {**request, **over})
     assert status == 200
     assert json.loads(plain["info"])["sd_model_name"] == "sd"
     styled_request = {**request, **over, "prompt": "a fox <lora:style-sd:1>"}
-    status, styled = a1111(models_agent, "POST", "/sdapi/v1/txt2img", styled_request)
+    status, styled = call(models_agent, "POST", "/sdapi/v1/txt2img", styled_request)
     assert status == 200
     assert json.loads(styled["info"])["prompt"] == "a fox"
     assert styled["images"] != plain["images"]
@@ -257,17 +242,17 @@ def test_an_automatic1111_client_chooses_a_checkpoint_and_a_lora(models_agent, c
     base = models_agent.base
     client.subscribe(f"{base}/models")
     try:
-        status, chosen = a1111(
+        status, chosen = call(
             models_agent, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": titles["sd"]}
         )
         assert (status, chosen["sd_model_checkpoint"]) == (200, titles["sd"])
-        status, options = a1111(models_agent, "GET", "/sdapi/v1/options")
+        status, options = call(models_agent, "GET", "/sdapi/v1/options")
         assert options["sd_model_checkpoint"] == titles["sd"]
-        status, again = a1111(models_agent, "POST", "/sdapi/v1/txt2img", request)
+        status, again = call(models_agent, "POST", "/sdapi/v1/txt2img", request)
         assert json.loads(again["info"])["sd_model_name"] == "sd"
         assert again["images"] == plain["images"]
     finally:
-        a1111(models_agent, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": "xl"})
+        call(models_agent, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": "xl"})
         client.wait_for(f"{base}/models", lambda m: m.json()["default"] == "xl", timeout=10)
 
 
