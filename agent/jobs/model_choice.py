@@ -10,11 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.jobs.errors import ErrorCode, RequestError
 from agent.model.catalog import Catalog, InstalledModel
-from agent.model.lora_shelf import LoraFileError, LoraShelf, text_width
+from agent.model.lora_shelf import LoraFile, LoraFileError, LoraShelf
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from agent.settings import Settings
 
 MAX_LORAS = 4
@@ -97,7 +95,7 @@ class ModelChoice:
                     f"no LoRA {lora.name[:64]!r} in {self.loras.folder}; there: {names}",
                     field="loras",
                 )
-            _check_fits(found.path, found.name, model)
+            _check_fits(self.loras, found, model)
             chosen[found.name] = lora.weight  # named twice: the last weight
         return tuple(chosen.items())
 
@@ -116,14 +114,15 @@ def model_choice(settings: Settings) -> ModelChoice:
         raise SettingsError(str(exc)) from exc
 
 
-def _check_fits(path: Path, name: str, model: InstalledModel) -> None:
+def _check_fits(shelf: LoraShelf, lora: LoraFile, model: InstalledModel) -> None:
     """Refuse a LoRA whose cross-attention takes text features of another width than the model's.
 
     Raises:
         RequestError: ``bad_lora``.
     """
+    name = lora.name
     try:
-        width = text_width(path)
+        width = shelf.text_width(lora)
     except LoraFileError as exc:
         raise RequestError(ErrorCode.BAD_LORA, f"LoRA {name}: {exc}", field="loras") from exc
     family = model.family

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 SUFFIX = ".safetensors"
 MAX_LISTED = 500
 """Files listed at most: the lists go into one MQTT message and one HTTP answer."""
-MAX_HEADER_BYTES = 16 * 2**20
+MAX_HEADER_BYTES = 4 * 2**20
 """A LoRA's header is kilobytes; a larger one is a broken file, not read into memory."""
 CROSS_ATTENTION_KEY = re.compile(r"attn2[._]to_k(?:\.lora_A|\.lora_down|_lora\.down|\.lora\.down)")
 """The keys of a cross-attention key projection's down matrix, in the diffusers/peft and kohya
@@ -49,9 +49,42 @@ class LoraShelf:
     def __init__(self, folder: Path) -> None:
         """Serve the LoRA files in ``folder`` (which may not exist yet)."""
         self.folder = folder
+        # The daemon's loop lists the folder at each state change and checks a header at each
+        # request: both are kept while the folder (or the file) is unchanged, so the loop
+        # makes one stat of it rather than reading it again.
+        self._listed: tuple[int, list[LoraFile]] | None = None
+        self._widths: dict[tuple[Path, int, int], int | None] = {}
 
     def files(self) -> list[LoraFile]:
         """Return the LoRA files there now, by name (at most :data:`MAX_LISTED`)."""
+        try:
+            changed = self.folder.stat().st_mtime_ns
+        except OSError:
+            return []
+        if self._listed is not None and self._listed[0] == changed:
+            return self._listed[1]
+        found = self._read_folder()
+        self._listed = (changed, found)
+        return found
+
+    def text_width(self, lora: LoraFile) -> int | None:
+        """Return :func:`text_width` of a LoRA file, read once while the file is unchanged.
+
+        Raises:
+            LoraFileError: The file is not a readable safetensors file.
+        """
+        try:
+            status = lora.path.stat()
+        except OSError as exc:
+            raise LoraFileError(f"cannot read {lora.path.name}: {exc.strerror}") from exc
+        key = (lora.path, status.st_mtime_ns, status.st_size)
+        if key not in self._widths:
+            if len(self._widths) >= MAX_LISTED:
+                self._widths.clear()
+            self._widths[key] = text_width(lora.path)
+        return self._widths[key]
+
+    def _read_folder(self) -> list[LoraFile]:
         try:
             entries = sorted(self.folder.iterdir())
         except OSError:
