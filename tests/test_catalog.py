@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from agent.jobs.errors import RequestError
 from agent.jobs.model_choice import ModelChoice
+from agent.jobs.switching import ModelSwitcher
 from agent.model.catalog import Catalog, short_name
 from agent.model.family import Family, ModelConfigError, choose_tiny_decoder, read_family
+from agent.model.link import WorkerUnavailableError
 from agent.settings import Settings
 from agent.web.a1111_models import checkpoint_name, prompt_loras
 from tests.tiny_pipeline import build_tiny_sd_pipeline
@@ -119,3 +123,14 @@ def test_automatic1111s_names_become_the_requests_fields():
         {"name": "ink", "weight": 1.0},
         {"name": "x", "weight": "nan?"},
     ]
+
+
+def test_a_job_for_a_model_no_longer_installed_is_refused_not_run_on_another(tmp_path):
+    """A job journaled before a restart whose settings dropped its model: never drawn by the
+    resident one. Nothing is loaded or stopped, so the worker is only asked its model's name."""
+    catalog = Catalog(settings(tmp_path, models={"fast": "stabilityai/sd-turbo"}))
+    resident = SimpleNamespace(model_name="sdxl-turbo")
+    switcher = ModelSwitcher(resident, catalog, None, None)  # type: ignore[arg-type]
+    asyncio.run(switcher.ensure("sdxl-turbo"))  # resident: nothing to do
+    with pytest.raises(WorkerUnavailableError, match="the model gone is no longer installed"):
+        asyncio.run(switcher.ensure("gone"))

@@ -64,12 +64,16 @@ class ModelSwitcher:
         """Make ``name`` (empty: the default model) the resident model; return once it is ready.
 
         Raises:
-            WorkerUnavailableError: It could not be loaded; the default model is loading again.
+            WorkerUnavailableError: It could not be loaded (the model that was resident is
+                loading again), or it is no longer installed.
         """
         name = name or self._catalog.default
         previous = self._worker.model_name
-        if previous == name or self._catalog.get(name) is None:
+        if previous == name:
             return
+        if self._catalog.get(name) is None:
+            # A job journaled before a restart whose settings no longer install its model.
+            raise WorkerUnavailableError(f"the model {name} is no longer installed")
         log.info("switching model: %s -> %s", previous, name)
         begun = time.monotonic()
         await self._worker.switch(self.config_for(name))
