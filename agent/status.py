@@ -109,7 +109,7 @@ class AgentStatus:
             "temperature_c": self._temperature_c,
             "throttled": self._throttled,
             "last_latency_s": self._runner.last_latency_s,
-            "model": self._worker.model_source or self._settings.model,
+            "model": self._worker.model_source,
             "model_name": self._worker.model_name,
         }
         if self._choice is not None:

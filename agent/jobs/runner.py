@@ -229,12 +229,13 @@ class Runner:
     async def _run_one(self, job: Job) -> bool:
         """Run one job; return whether it has its reply (False: it went back in the queue)."""
         spec = job.spec
-        if not await self._model_ready(job):
-            return True
         try:
+            # Before the model: an expired job or a LoRA gone is answered without a switch.
             loras = self._startable(job)
         except RequestError as exc:
             await self._fail(job, exc.code, exc.message)
+            return True
+        if not await self._model_ready(job):
             return True
         attempt = await self._journal.start(spec.id)
         queue_wait = time.monotonic() - job.received
